@@ -1,0 +1,24 @@
+"""lyco: LyCORIS-family parameter-efficient adapters (LoHa, LoKr) for PyTorch."""
+
+from .errors import (
+    AdapterNameError,
+    ConfigError,
+    FormatError,
+    LycoError,
+    MergeError,
+    ShapeMismatchError,
+    TargetError,
+    UnsupportedLayerError,
+)
+from .methods import AdaptedLayer, Adapter, AdapterConfig, LoHaConfig, LoKrConfig, register_method
+from .model import LycoModel, get_model
+from .modules_to_save import ModulesToSaveWrapper
+from .ops.factorize import factorization
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaptedLayer", "Adapter", "AdapterConfig", "AdapterNameError", "ConfigError", "FormatError", "LoHaConfig",
+    "LoKrConfig", "LycoError", "LycoModel", "MergeError", "ModulesToSaveWrapper", "ShapeMismatchError",
+    "TargetError", "UnsupportedLayerError", "__version__", "factorization", "get_model", "register_method",
+]  # fmt: skip

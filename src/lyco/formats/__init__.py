@@ -1,0 +1,1 @@
+"""File formats: pure state-dict ↔ state-dict conversions plus reading/writing files."""

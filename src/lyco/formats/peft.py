@@ -1,0 +1,225 @@
+"""PEFT adapter directories: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Keys are ``base_model.model.<module path>.<param>`` (adapter name removed), e.g.
+``base_model.model.layers.0.q_proj.hada_w1_a``; ``modules_to_save`` copies are stored under the
+wrapped module's path. The adapter ``default`` goes to the folder itself, others to sub-folders.
+PEFT stores 1-D conv CP cores as ``(r, r, k, 1)``; lyco uses ``(r, r, k)`` and converts here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, FormatError, ShapeMismatchError
+from ..methods.base import METHODS, AdaptedLayer, AdapterConfig
+from .io import read_tensors, write_tensors, write_text
+
+if TYPE_CHECKING:
+    from ..model import LycoModel
+
+PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+# PeftConfig fields that are not adapter hyper-parameters.
+PEFT_META_FIELDS = {
+    "peft_type", "base_model_name_or_path", "revision", "task_type", "inference_mode", "auto_mapping", "peft_version",
+}  # fmt: skip
+CP_CORES = ("hada_t1", "hada_t2", "lokr_t2")
+
+
+def _to_file_layout(layer: AdaptedLayer, pname: str, tensor: torch.Tensor) -> torch.Tensor:
+    if pname in CP_CORES and len(layer.spec.kernel) == 1:
+        return tensor.unsqueeze(-1)
+    return tensor
+
+
+def _from_file_layout(layer: AdaptedLayer, pname: str, tensor: torch.Tensor) -> torch.Tensor:
+    if pname in CP_CORES and len(layer.spec.kernel) == 1 and tensor.dim() == 4 and tensor.shape[-1] == 1:
+        return tensor.squeeze(-1)
+    return tensor
+
+
+def adapter_state_dict(model: LycoModel, adapter_name: str) -> dict[str, torch.Tensor]:
+    """PEFT-keyed tensors of one adapter (adapter layers and modules_to_save copies)."""
+    out: dict[str, torch.Tensor] = {}
+    for lname, layer in model.adapted_layers():
+        if adapter_name in layer.lyco_adapters:
+            for pname, p in layer.lyco_adapters[adapter_name].named_parameters():
+                out[f"{PREFIX}{lname}.{pname}"] = _to_file_layout(layer, pname, p.detach())
+    for wname, wrapper in model._wrappers():
+        if adapter_name in wrapper.modules_to_save:
+            for k, v in wrapper.modules_to_save[adapter_name].state_dict().items():
+                out[f"{PREFIX}{wname}.{k}"] = v.detach()
+    return out
+
+
+def config_to_json(config: AdapterConfig, base_model: nn.Module) -> dict[str, Any]:
+    """The JSON object PEFT writes for this config."""
+    data = config.to_dict()
+    hf_config = getattr(base_model, "config", None)
+    data.update(
+        base_model_name_or_path=getattr(hf_config, "_name_or_path", None) or None,
+        revision=None,
+        task_type=None,
+        inference_mode=True,
+    )
+    if isinstance(data.get("target_modules"), (set, frozenset)):
+        data["target_modules"] = sorted(data["target_modules"])
+    return dict(sorted(data.items()))
+
+
+def config_from_json(data: dict[str, Any], source: str) -> AdapterConfig:
+    """Build a lyco config from PEFT JSON; unknown (newer PEFT) fields are reported and ignored."""
+    peft_type = data.get("peft_type")
+    if peft_type not in METHODS:
+        raise FormatError(f"{source}: peft_type {peft_type!r} is not supported (lyco reads {sorted(METHODS)})")
+    config_cls = METHODS[peft_type].config_cls
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(k for k in data if k not in known and k not in PEFT_META_FIELDS)
+    if unknown:
+        warnings.warn(f"{source}: ignoring config fields lyco does not know: {unknown}", stacklevel=4)
+    kwargs = {k: v for k, v in data.items() if k in known}
+    try:
+        return config_cls(**kwargs)
+    except (ConfigError, TypeError) as exc:
+        raise FormatError(f"{source}: invalid adapter config ({exc})") from None
+
+
+def adapter_dir(save_directory: str | os.PathLike, adapter_name: str) -> Path:
+    root = Path(save_directory)
+    return root if adapter_name == "default" else root / adapter_name
+
+
+def save_peft_dir(model: LycoModel, adapter_name: str, save_directory: str | os.PathLike) -> Path:
+    """Write one adapter in PEFT's layout; returns the folder written."""
+    folder = adapter_dir(save_directory, adapter_name)
+    tensors = adapter_state_dict(model, adapter_name)
+    if any(t.device.type == "meta" for t in tensors.values()):
+        raise FormatError(f"adapter {adapter_name!r} has weights on the meta device; load or initialise them first")
+    write_tensors(folder / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+    payload = config_to_json(model.peft_config[adapter_name], model.model)
+    write_text(folder / CONFIG_NAME, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def read_peft_dir(
+    model_id: str | os.PathLike, allow_pickle: bool = False, subfolder: str | None = None
+) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """Config and tensors of a PEFT adapter folder."""
+    folder = Path(model_id) / subfolder if subfolder else Path(model_id)
+    cfg_path = folder / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise FormatError(f"{folder}: no {CONFIG_NAME} (not a PEFT adapter folder)")
+    try:
+        data = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{cfg_path}: unreadable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise FormatError(f"{cfg_path}: expected a JSON object")
+    config = config_from_json(data, str(cfg_path))
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file() and (folder / PICKLE_WEIGHTS_NAME).is_file():
+        weights = folder / PICKLE_WEIGHTS_NAME
+    return config, read_tensors(weights, allow_pickle=allow_pickle)
+
+
+def assign_adapter_weights(
+    model: LycoModel, adapter_name: str, tensors: dict[str, torch.Tensor], source: str
+) -> None:
+    """Put PEFT-keyed ``tensors`` into adapter ``adapter_name`` (replacing meta/initial weights).
+
+    Every expected key must be present with the right shape and a float dtype, and every key must
+    be used; otherwise :class:`FormatError` names the file and key (nothing is assigned).
+    """
+    plan: list[tuple[nn.Module, str, torch.Tensor, torch.device, torch.dtype]] = []
+    used: set[str] = set()
+    for lname, layer in model.adapted_layers():
+        if adapter_name not in layer.lyco_adapters:
+            continue
+        adapter = layer.lyco_adapters[adapter_name]
+        device = layer.base_layer.weight.device
+        for pname, p in adapter.named_parameters():
+            key = f"{PREFIX}{lname}.{pname}"
+            if key not in tensors:
+                raise FormatError(f"{source}: missing key {key!r}")
+            t = _from_file_layout(layer, pname, tensors[key])
+            if not t.dtype.is_floating_point:
+                raise FormatError(f"{source}: key {key!r} has dtype {t.dtype}, expected a float tensor")
+            if tuple(t.shape) != tuple(p.shape):
+                raise ShapeMismatchError(
+                    f"{source}: key {key!r} has shape {tuple(t.shape)}, module {lname!r} needs {tuple(p.shape)}"
+                )
+            plan.append((adapter, pname, t, device, p.dtype))
+            used.add(key)
+    for wname, wrapper in model._wrappers():
+        if adapter_name not in wrapper.modules_to_save:
+            continue
+        clone = wrapper.modules_to_save[adapter_name]
+        for k, v in clone.state_dict().items():
+            key = f"{PREFIX}{wname}.{k}"
+            if key not in tensors:
+                raise FormatError(f"{source}: missing key {key!r} (modules_to_save)")
+            if tuple(tensors[key].shape) != tuple(v.shape):
+                raise ShapeMismatchError(f"{source}: key {key!r} has shape {tuple(tensors[key].shape)}, needs {tuple(v.shape)}")
+            used.add(key)
+    unused = sorted(set(tensors) - used)
+    if unused:
+        raise FormatError(f"{source}: {len(unused)} key(s) match no adapted module: {unused[:8]}")
+    for adapter, pname, t, device, dtype in plan:
+        old = getattr(adapter, pname)
+        setattr(adapter, pname, nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=old.requires_grad))
+    for wname, wrapper in model._wrappers():
+        if adapter_name in wrapper.modules_to_save:
+            clone = wrapper.modules_to_save[adapter_name]
+            sd = {k: tensors[f"{PREFIX}{wname}.{k}"] for k in clone.state_dict()}
+            clone.load_state_dict(sd)
+
+
+def load_peft_dir(
+    model: LycoModel,
+    model_id: str | os.PathLike,
+    adapter_name: str,
+    is_trainable: bool = False,
+    allow_pickle: bool = False,
+    subfolder: str | None = None,
+) -> None:
+    """Add the adapter stored in a PEFT folder to an existing :class:`LycoModel` (all-or-nothing)."""
+    config, tensors = read_peft_dir(model_id, allow_pickle=allow_pickle, subfolder=subfolder)
+    model.add_adapter(adapter_name, config, low_cpu_mem_usage=True)
+    try:
+        assign_adapter_weights(model, adapter_name, tensors, str(model_id))
+    except BaseException:
+        model.delete_adapter(adapter_name)
+        raise
+    model.set_trainable(adapter_name, is_trainable)
+
+
+def model_from_peft_dir(
+    cls: type[LycoModel],
+    model: nn.Module,
+    model_id: str | os.PathLike,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    allow_pickle: bool = False,
+    subfolder: str | None = None,
+    **kwargs: Any,
+) -> LycoModel:
+    """Wrap ``model`` with the adapter of a PEFT folder; on any error the model is restored."""
+    config, tensors = read_peft_dir(model_id, allow_pickle=allow_pickle, subfolder=subfolder)
+    lyco_model = cls(model, config, adapter_name, low_cpu_mem_usage=True, **kwargs)
+    try:
+        assign_adapter_weights(lyco_model, adapter_name, tensors, str(model_id))
+    except BaseException:
+        lyco_model.unload()
+        raise
+    lyco_model.set_trainable(adapter_name, is_trainable)
+    return lyco_model

@@ -1,0 +1,64 @@
+"""LoHa: low-rank Hadamard product adapter (FedPara / LyCORIS ``loha``).
+
+``ΔW = (w1_a @ w1_b) ⊙ (w2_a @ w2_b) · alpha / r``; for conv kernels with more than one element
+and ``use_effective_conv2d`` the CP form ``cp(t1, w1_a, w1_b) ⊙ cp(t2, w2_a, w2_b)``.
+Parameters: plain ``2·r·(out + in·prod(k))``, CP ``2·r·(out + in) + 2·r²·prod(k)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..ops.factorize import plan_loha
+from ..ops.hadamard import hada_delta, hada_delta_cp
+from .base import Adapter, AdapterConfig, register_method
+
+
+@dataclass
+class LoHaConfig(AdapterConfig):
+    """LoHa config; fields, names and defaults equal ``peft.LoHaConfig``.
+
+    ``init_weights=True`` zeroes ``w2_b`` (zero initial delta); ``False`` draws every factor at random.
+    ``use_effective_conv2d``: CP form (``hada_t1``/``hada_t2``) for conv kernels larger than 1.
+
+    >>> LoHaConfig(r=4, alpha=8, target_modules=["q_proj"]).r
+    4
+    """
+
+    peft_type = "LOHA"
+
+    use_effective_conv2d: bool = False
+
+
+@register_method
+class LoHaAdapter(Adapter):
+    """One LoHa adapter. Shapes: plain ``hada_w{1,2}_a (out, r)``, ``hada_w{1,2}_b (r, in·prod(k))``;
+    CP ``hada_w{1,2}_a (r, out)``, ``hada_w{1,2}_b (r, in)``, ``hada_t{1,2} (r, r, *k)``."""
+
+    config_cls = LoHaConfig
+    param_names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+    rank_dropout_scale_default = True  # PEFT's LoHa always rescales kept rows
+
+    def create_parameters(self, config: LoHaConfig, *, device, dtype) -> None:
+        s = self.spec
+        self.plan = plan_loha(s.out_features, s.in_features, s.kernel, self.r, config.use_effective_conv2d)
+        for name, shape in self.plan.param_shapes().items():
+            self.add_param(name, shape, device, dtype)
+
+    def reset_parameters(self, init_weights: bool | str) -> None:
+        for name in self.plan.param_shapes():
+            nn.init.kaiming_uniform_(getattr(self, name), a=math.sqrt(5))
+        if init_weights:
+            nn.init.zeros_(self.hada_w2_b)
+
+    def delta_weight(self) -> torch.Tensor:
+        if self.plan.use_cp:
+            return hada_delta_cp(
+                self.hada_t1, self.hada_w1_a, self.hada_w1_b, self.hada_t2, self.hada_w2_a, self.hada_w2_b
+            )
+        delta = hada_delta(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b)
+        return delta.reshape(self.plan.weight_shape)

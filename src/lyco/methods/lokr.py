@@ -1,0 +1,93 @@
+"""LoKr: low-rank Kronecker product adapter (LyCORIS ``lokr``).
+
+``ΔW = kron(w1, w2) · alpha / r`` with ``w1 (out_l, in_l)`` and ``w2 (out_r, in_r, *k)``, each a full
+matrix or a rank-``r`` product (``w2`` optionally in CP form with core ``t2``); splits come from
+:func:`lyco.ops.factorize.factorization`. Parameters: full factors ``out_l·in_l + out_r·in_r·prod(k)``;
+low-rank factors ``r·(out_l + in_l)`` and ``r·(out_r + in_r·prod(k))``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..ops.factorize import plan_lokr
+from ..ops.kron import make_kron
+from ..ops.tucker import cp_rebuild
+from .base import Adapter, AdapterConfig, register_method
+
+
+@dataclass
+class LoKrConfig(AdapterConfig):
+    """LoKr config; fields, names and defaults equal ``peft.LoKrConfig``.
+
+    ``decompose_both``: also factor ``w1`` (when ``r < max(out_l, in_l)/2``). ``decompose_factor``:
+    the split factor (-1: near square root). ``rank_dropout_scale``: rescale kept rows by the kept
+    fraction. ``init_weights``: ``True`` zero ``w1`` (zero delta), ``False`` random, ``"lycoris"``
+    zero ``w2`` (LyCORIS's own init).
+
+    >>> LoKrConfig(r=4, decompose_both=True).decompose_factor
+    -1
+    """
+
+    peft_type = "LOKR"
+    init_choices = (True, False, "lycoris")
+
+    use_effective_conv2d: bool = False
+    decompose_both: bool = False
+    decompose_factor: int = -1
+    rank_dropout_scale: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        f = self.decompose_factor
+        if isinstance(f, bool) or not isinstance(f, int) or (f <= 0 and f != -1):
+            raise ConfigError(f"LoKrConfig.decompose_factor must be -1 or a positive integer, got {f!r}")
+
+
+@register_method
+class LoKrAdapter(Adapter):
+    """One LoKr adapter; which of ``lokr_w1``/``lokr_w1_a,b``/``lokr_w2``/``lokr_w2_a,b``/``lokr_t2``
+    exist is decided by :class:`lyco.ops.factorize.LoKrPlan` (``self.plan``)."""
+
+    config_cls = LoKrConfig
+    param_names = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+    rank_dropout_scale_default = False
+
+    def create_parameters(self, config: LoKrConfig, *, device, dtype) -> None:
+        s = self.spec
+        self.plan = plan_lokr(
+            s.out_features, s.in_features, s.kernel, self.r,
+            config.decompose_factor, config.decompose_both, config.use_effective_conv2d,
+        )  # fmt: skip
+        for name, shape in self.plan.param_shapes().items():
+            self.add_param(name, shape, device, dtype)
+
+    def reset_parameters(self, init_weights: bool | str) -> None:
+        names = self.plan.param_shapes()
+        for name in names:
+            nn.init.kaiming_uniform_(getattr(self, name), a=math.sqrt(5))
+        if init_weights == "lycoris":
+            nn.init.zeros_(self.lokr_w2 if "lokr_w2" in names else self.lokr_w2_b)
+        elif init_weights:
+            nn.init.zeros_(self.lokr_w1 if "lokr_w1" in names else self.lokr_w1_a)
+
+    def w1(self) -> torch.Tensor:
+        """Left factor ``(out_l, in_l)``."""
+        return self.lokr_w1 if self.plan.use_w1 else self.lokr_w1_a @ self.lokr_w1_b
+
+    def w2(self) -> torch.Tensor:
+        """Right factor ``(out_r, in_r, *k)``."""
+        p = self.plan
+        if p.use_w2:
+            return self.lokr_w2
+        if p.use_cp:
+            return cp_rebuild(self.lokr_t2, self.lokr_w2_a, self.lokr_w2_b)
+        return (self.lokr_w2_a @ self.lokr_w2_b).reshape(p.out_r, p.in_r, *p.kernel)
+
+    def delta_weight(self) -> torch.Tensor:
+        return make_kron(self.w1(), self.w2())

@@ -1,0 +1,373 @@
+"""``LycoModel``: inject adapters into any ``nn.Module`` and manage them (PEFT-like API).
+
+Injection replaces each targeted module by an :class:`AdaptedLayer` that keeps the original as
+``base_layer``; ``unload`` / ``merge_and_unload`` put the original module objects back. Every
+operation validates first and modifies the model only once nothing can fail any more.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import AdapterNameError, MergeError, UnsupportedLayerError
+from .methods.base import META, AdaptedLayer, AdapterConfig, adapter_class_for
+from .modules_to_save import ModulesToSaveWrapper
+from .ops.layerops import SUPPORTED_LAYERS, layer_spec
+from .targeting import check_modules_to_save, default_target_modules, find_targets, pattern_value
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def _adapter_dtype(weight: torch.Tensor, autocast_adapter_dtype: bool) -> torch.dtype:
+    if not weight.dtype.is_floating_point:
+        return torch.float32
+    if autocast_adapter_dtype and weight.dtype in _HALF:
+        return torch.float32
+    return weight.dtype
+
+
+class LycoModel(nn.Module):
+    """A model with LyCORIS-family adapters. ``forward`` (and unknown attributes) go to the wrapped model.
+
+    Args:
+        model: the base module; adapted in place (wrapped layers replace targeted modules).
+        config: a :class:`~lyco.LoHaConfig`, :class:`~lyco.LoKrConfig` or custom method config.
+        adapter_name: name of the first adapter.
+        low_cpu_mem_usage: create adapter weights on the ``meta`` device (no allocation, no init);
+            they are materialised when a state dict is loaded with ``assign``.
+        autocast_adapter_dtype: keep adapter weights in fp32 when the base weights are fp16/bf16.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: AdapterConfig,
+        adapter_name: str = "default",
+        *,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, AdapterConfig] = {}
+        self._active: list[str] = []
+        self._frozen: set[str] = set()
+        self.autocast_adapter_dtype = autocast_adapter_dtype
+        self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
+        self.set_adapter(adapter_name)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self._modules["model"], name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    # -- iteration ---------------------------------------------------------------------------
+    def adapted_layers(self) -> Iterator[tuple[str, AdaptedLayer]]:
+        """``(module name, AdaptedLayer)`` for every wrapped layer."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, AdaptedLayer):
+                yield name, module
+
+    def _wrappers(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                yield name, module
+
+    def _internal_names(self) -> set[str]:
+        names = {f"{n}.base_layer" for n, _ in self.adapted_layers()} | {f"{n}.lyco_adapters" for n, _ in self.adapted_layers()}
+        for n, _ in self._wrappers():
+            names |= {f"{n}.original_module", f"{n}.modules_to_save"}
+        return names
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> str:
+        return self._active[0]
+
+    # -- adding / removing -------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, config: AdapterConfig, *, low_cpu_mem_usage: bool = False) -> None:
+        """Add a new (inactive unless first) adapter; validates everything before touching the model."""
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise AdapterNameError(f"adapter name must be a non-empty string without '.', got {adapter_name!r}")
+        if adapter_name in self.peft_config:
+            raise AdapterNameError(
+                f"an adapter named {adapter_name!r} already exists (adapters: {list(self.peft_config)}); "
+                "pick another name or delete_adapter() it first"
+            )
+        config = copy.deepcopy(config)
+        if config.target_modules is None:
+            config.target_modules = default_target_modules(self.model)
+        adapter_cls = adapter_class_for(config)
+        skip = self._internal_names()
+        modules = dict(self.model.named_modules())
+        created = []
+        for name in find_targets(self.model, config, skip):
+            module = modules[name]
+            if isinstance(module, ModulesToSaveWrapper):
+                raise UnsupportedLayerError(f"module {name!r} is in modules_to_save and cannot also get an adapter")
+            base = module.base_layer if isinstance(module, AdaptedLayer) else module
+            spec = layer_spec(base)
+            if spec is None or not adapter_cls.supports(spec):
+                raise UnsupportedLayerError(
+                    f"module {name!r} of type {type(base).__name__} cannot get a {config.peft_type} adapter; "
+                    f"supported layers: {SUPPORTED_LAYERS}. Narrow target_modules or add it to exclude_modules."
+                )
+            weight = base.weight
+            device = META if low_cpu_mem_usage else weight.device
+            r = pattern_value(config.rank_pattern, name, config.r)
+            alpha = pattern_value(config.alpha_pattern, name, config.alpha)
+            adapter = adapter_cls(
+                spec, r, alpha, config, device=device, dtype=_adapter_dtype(weight, self.autocast_adapter_dtype)
+            )
+            created.append((name, module, adapter))
+        to_save = check_modules_to_save(self.model, config.modules_to_save)
+        clash = sorted(set(to_save) & {n for n, _, _ in created})
+        if clash:
+            raise UnsupportedLayerError(f"modules {clash} are both adapter targets and modules_to_save")
+        # ---- nothing below can fail: commit ----
+        if not self.peft_config:
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+        for name, module, adapter in created:
+            layer = module if isinstance(module, AdaptedLayer) else AdaptedLayer(module, name)
+            layer.lyco_adapters[adapter_name] = adapter
+            layer.active_adapters = list(self._active)
+            if layer is not module:
+                _set_submodule(self.model, name, layer)
+        for name in to_save:
+            wrapper = modules[name]
+            if not isinstance(wrapper, ModulesToSaveWrapper):
+                wrapper = ModulesToSaveWrapper(wrapper)
+                _set_submodule(self.model, name, wrapper)
+            wrapper.add(adapter_name)
+            wrapper.set_active(self._active)
+        self.peft_config[adapter_name] = config
+        self._update_trainable()
+
+    def _check_known(self, names: list[str]) -> None:
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise AdapterNameError(f"unknown adapter(s) {unknown}; available: {list(self.peft_config)}")
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Activate one adapter or a list (their deltas add up); others stay loaded but inactive."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        self._check_known(names)
+        if not names:
+            raise AdapterNameError("set_adapter needs at least one adapter name")
+        self._active = names
+        for _, layer in self.adapted_layers():
+            layer.active_adapters = list(names)
+        for _, wrapper in self._wrappers():
+            wrapper.set_active(names)
+        self._update_trainable()
+
+    def _update_trainable(self) -> None:
+        train = {n for n in self._active if n not in self._frozen}
+        for _, layer in self.adapted_layers():
+            for name, adapter in layer.lyco_adapters.items():
+                adapter.requires_grad_(name in train)
+        for _, wrapper in self._wrappers():
+            for name, clone in wrapper.modules_to_save.items():
+                clone.requires_grad_(name in train)
+
+    def set_trainable(self, adapter_name: str, trainable: bool = True) -> None:
+        """Mark an adapter trainable (when active) or frozen (inference mode)."""
+        self._check_known([adapter_name])
+        (self._frozen.discard if trainable else self._frozen.add)(adapter_name)
+        self._update_trainable()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an inactive, unmerged adapter; layers left without adapters are unwrapped."""
+        self._check_known([adapter_name])
+        if adapter_name in self._active:
+            raise AdapterNameError(
+                f"adapter {adapter_name!r} is active; set_adapter() to another one before deleting it"
+            )
+        merged = [n for n, layer in self.adapted_layers() if adapter_name in layer.merged_adapters]
+        if merged:
+            raise AdapterNameError(f"adapter {adapter_name!r} is merged in {merged[:3]}...; unmerge_adapter() first")
+        for name, layer in list(self.adapted_layers()):
+            if adapter_name in layer.lyco_adapters:
+                del layer.lyco_adapters[adapter_name]
+                if not len(layer.lyco_adapters):
+                    _set_submodule(self.model, name, layer.base_layer)
+        for name, wrapper in list(self._wrappers()):
+            if adapter_name in wrapper.modules_to_save:
+                del wrapper.modules_to_save[adapter_name]
+                if not len(wrapper.modules_to_save):
+                    _set_submodule(self.model, name, wrapper.original_module)
+        del self.peft_config[adapter_name]
+        self._frozen.discard(adapter_name)
+
+    # -- enable / disable ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Context in which the model computes its base output. Merged adapters are unmerged on
+        entry (with a warning) and merged again on exit."""
+        layers = list(self.adapted_layers())
+        remerge = {name: list(layer.merged_adapters) for name, layer in layers if layer.merged}
+        if remerge:
+            warnings.warn("disable_adapter() unmerges merged adapters and merges them again on exit", stacklevel=3)
+            for _, layer in layers:
+                layer.unmerge()
+        wrappers = [w for _, w in self._wrappers()]
+        for m in [layer for _, layer in layers] + wrappers:
+            m.disable_adapters = True
+        try:
+            yield
+        finally:
+            for m in [layer for _, layer in layers] + wrappers:
+                m.disable_adapters = False
+            for name, layer in layers:
+                if name in remerge:
+                    layer.merge(adapter_names=remerge[name])
+
+    # -- merge ---------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Add adapters (default: active) into the base weights. ``safe_merge`` checks every layer for
+        NaN/Inf first and raises :class:`MergeError` with the model unchanged."""
+        names = list(self._active) if adapter_names is None else list(adapter_names)
+        self._check_known(names)
+        layers = list(self.adapted_layers())
+        already = sorted({n for _, layer in layers for n in layer.merged_adapters if n in names})
+        if already:
+            raise MergeError(f"adapter(s) {already} are already merged; call unmerge_adapter() first")
+        if safe_merge:
+            for name, layer in layers:
+                layer.check_merge(names, name)
+        for _, layer in layers:
+            layer.merge(adapter_names=names)
+
+    def unmerge_adapter(self) -> None:
+        """Subtract all merged adapters from the base weights."""
+        layers = [layer for _, layer in self.adapted_layers() if layer.merged]
+        if not layers:
+            warnings.warn("no adapter is merged; nothing to unmerge", stacklevel=2)
+        for layer in layers:
+            layer.unmerge()
+
+    def _unload(self, merge: bool) -> nn.Module:
+        for name, layer in list(self.adapted_layers()):
+            _set_submodule(self.model, name, layer.base_layer)
+        for name, wrapper in list(self._wrappers()):
+            _set_submodule(self.model, name, wrapper.current if merge else wrapper.original_module)
+        self.peft_config.clear()
+        self._active = []
+        return self.model
+
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge adapters (default: active; those already merged stay) and return the plain base model."""
+        names = list(self._active) if adapter_names is None else list(adapter_names)
+        self._check_known(names)
+        todo = [n for n in names if not any(n in layer.merged_adapters for _, layer in self.adapted_layers())]
+        if todo:
+            self.merge_adapter(todo, safe_merge=safe_merge)
+        return self._unload(merge=True)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging (merged ones are unmerged first); returns the base model."""
+        for _, layer in self.adapted_layers():
+            layer.unmerge()
+        return self._unload(merge=False)
+
+    # -- scale ---------------------------------------------------------------------------------
+    def set_scale(self, adapter: str, scale: float) -> None:
+        """``scaling = scale · alpha / r`` on every layer of ``adapter`` (takes effect for unmerged use)."""
+        self._check_known([adapter])
+        for _, layer in self.adapted_layers():
+            layer.set_scale(adapter, scale)
+
+    # -- accounting ------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, total)`` parameter counts (total includes the base model and all adapters)."""
+        trainable = total = 0
+        for p in self.parameters():
+            total += p.numel()
+            if p.requires_grad:
+                trainable += p.numel()
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Print ``trainable params: T || all params: A || trainable%: P`` (PEFT's format)."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / max(total, 1):.4f}")
+
+    # -- files (PEFT directory layout) -----------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
+        """Write each adapter as PEFT does: ``adapter_config.json`` + ``adapter_model.safetensors``;
+        the adapter named ``default`` at the top, others in sub-folders named after them."""
+        from .formats.peft import save_peft_dir
+
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        self._check_known(names)
+        for name in names:
+            save_peft_dir(self, name, save_directory)
+
+    def load_adapter(
+        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **kwargs: Any
+    ) -> None:
+        """Load an adapter directory (written by lyco or peft) as a new adapter ``adapter_name``."""
+        from .formats.peft import load_peft_dir
+
+        load_peft_dir(self, model_id, adapter_name, is_trainable=is_trainable, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        **kwargs: Any,
+    ) -> LycoModel:
+        """Wrap ``model`` with the adapter stored in ``model_id`` (a PEFT directory)."""
+        from .formats.peft import model_from_peft_dir
+
+        return model_from_peft_dir(cls, model, model_id, adapter_name, is_trainable=is_trainable, **kwargs)
+
+
+def get_model(
+    model: nn.Module,
+    config: AdapterConfig,
+    adapter_name: str = "default",
+    *,
+    low_cpu_mem_usage: bool = False,
+    autocast_adapter_dtype: bool = True,
+) -> LycoModel:
+    """Inject the adapter described by ``config`` into ``model`` and return the :class:`LycoModel`.
+
+    Only adapter parameters (and ``modules_to_save`` copies) are trainable afterwards.
+
+    >>> import torch, lyco
+    >>> net = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    >>> m = lyco.get_model(net, lyco.LoHaConfig(r=2, target_modules=["0"]))
+    >>> m.get_nb_trainable_parameters()[0]  # 2 branches × (16·2 + 2·16)
+    128
+    """
+    return LycoModel(
+        model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, autocast_adapter_dtype=autocast_adapter_dtype
+    )

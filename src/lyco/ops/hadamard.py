@@ -1,0 +1,80 @@
+"""LoHa maths: ``ΔW = (w1_a @ w1_b) ⊙ (w2_a @ w2_b)`` and its CP form, with custom autograd.
+
+The autograd functions save only the factors (a few ``r × d`` matrices) and recompute the
+``out × in`` products in backward, instead of keeping two dense products alive per layer.
+All functions return the *unscaled* delta; the adapter applies ``alpha / r`` once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .tucker import cp_rebuild
+
+
+class _HadaWeight(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w1a, w1b, w2a, w2b):  # type: ignore[override]
+        ctx.save_for_backward(w1a, w1b, w2a, w2b)
+        return (w1a @ w1b) * (w2a @ w2b)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        w1a, w1b, w2a, w2b = ctx.saved_tensors
+        g1 = grad * (w2a @ w2b)
+        g2 = grad * (w1a @ w1b)
+        return g1 @ w1b.mT, w1a.mT @ g1, g2 @ w2b.mT, w2a.mT @ g2
+
+
+def hada_delta(
+    hada_w1_a: torch.Tensor, hada_w1_b: torch.Tensor, hada_w2_a: torch.Tensor, hada_w2_b: torch.Tensor
+) -> torch.Tensor:
+    """``(w1_a (o, r) @ w1_b (r, i)) ⊙ (w2_a (o, r) @ w2_b (r, i))`` → ``(o, i)``, memory-lean backward."""
+    return _HadaWeight.apply(hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b)
+
+
+def _cp_grads(grad: torch.Tensor, t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor):
+    """Gradients of ``cp_rebuild(t, wa, wb)`` for an upstream ``grad (o, i, *k)``."""
+    g_t = torch.einsum("pq...,ip,jq->ij...", grad, wa, wb)
+    tb = torch.einsum("ij...,jq->iq...", t, wb)  # (r, i, *k)
+    g_wa = torch.einsum("pq...,iq...->ip", grad, tb)
+    ta = torch.einsum("ij...,ip->pj...", t, wa)  # (o, r, *k)
+    g_wb = torch.einsum("pq...,pj...->jq", grad, ta)
+    return g_t, g_wa, g_wb
+
+
+class _HadaWeightCP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t1, w1a, w1b, t2, w2a, w2b):  # type: ignore[override]
+        ctx.save_for_backward(t1, w1a, w1b, t2, w2a, w2b)
+        return cp_rebuild(t1, w1a, w1b) * cp_rebuild(t2, w2a, w2b)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        t1, w1a, w1b, t2, w2a, w2b = ctx.saved_tensors
+        g1 = grad * cp_rebuild(t2, w2a, w2b)
+        g2 = grad * cp_rebuild(t1, w1a, w1b)
+        gt1, g1a, g1b = _cp_grads(g1, t1, w1a, w1b)
+        gt2, g2a, g2b = _cp_grads(g2, t2, w2a, w2b)
+        return gt1, g1a, g1b, gt2, g2a, g2b
+
+
+def hada_delta_cp(
+    hada_t1: torch.Tensor,
+    hada_w1_a: torch.Tensor,
+    hada_w1_b: torch.Tensor,
+    hada_t2: torch.Tensor,
+    hada_w2_a: torch.Tensor,
+    hada_w2_b: torch.Tensor,
+) -> torch.Tensor:
+    """CP LoHa: ``cp(t1 (r, r, *k), w1_a (r, o), w1_b (r, i)) ⊙ cp(t2, w2_a, w2_b)`` → ``(o, i, *k)``."""
+    return _HadaWeightCP.apply(hada_t1, hada_w1_a, hada_w1_b, hada_t2, hada_w2_a, hada_w2_b)
+
+
+def hada_delta_naive(hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b, hada_t1=None, hada_t2=None) -> torch.Tensor:
+    """Reference formula with plain autograd (for tests): same result as :func:`hada_delta` / ``_cp``."""
+    if hada_t1 is None:
+        return (hada_w1_a @ hada_w1_b) * (hada_w2_a @ hada_w2_b)
+    r1 = torch.einsum("ij...,jr,ip->pr...", hada_t1, hada_w1_b, hada_w1_a)
+    r2 = torch.einsum("ij...,jr,ip->pr...", hada_t2, hada_w2_b, hada_w2_a)
+    return r1 * r2
