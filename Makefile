@@ -20,11 +20,11 @@ demo: venv
 
 test: venv
 	$(BIN)/pip install --quiet -e ".[test]"
-	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 -q
 
 lint: venv
-	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) lyco_demo_out .pytest_cache .ruff_cache
