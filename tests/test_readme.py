@@ -1,0 +1,26 @@
+"""The README quickstart runs as written and does what it says."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+TOL = 1e-5  # merged vs adapter output, fp32
+
+
+def test_readme_quickstart_runs(tmp_path, monkeypatch, capsys):
+    code = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, str(README), "exec"), scope)
+    assert "trainable params" in capsys.readouterr().out
+    assert (tmp_path / "my_adapter" / "adapter_model.safetensors").is_file()
+    x = scope["x"]
+    with torch.no_grad():
+        adapted = scope["model"](x)
+        assert torch.allclose(scope["merged"](x), adapted, atol=TOL)
+        with scope["model"].disable_adapter():
+            assert not torch.allclose(scope["model"](x), adapted, atol=TOL)  # the step really moved the output
