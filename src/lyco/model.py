@@ -143,7 +143,7 @@ class LycoModel(nn.Module):
                 spec, r, alpha, config, device=device, dtype=_adapter_dtype(weight, self.autocast_adapter_dtype)
             )
             created.append((name, module, adapter))
-        to_save = check_modules_to_save(self.model, config.modules_to_save)
+        to_save = check_modules_to_save(self.model, config.modules_to_save, skip)
         clash = sorted(set(to_save) & {n for n, _, _ in created})
         if clash:
             raise UnsupportedLayerError(f"modules {clash} are both adapter targets and modules_to_save")

@@ -171,11 +171,12 @@ def _unknown_message(field: str, unknown: list[str], names: list[str]) -> str:
     return f"{field} names no module of the model: " + "; ".join(hints)
 
 
-def check_modules_to_save(model: nn.Module, modules_to_save: list[str] | None) -> list[str]:
+def check_modules_to_save(model: nn.Module, modules_to_save: list[str] | None, skip: Iterable[str] = ()) -> list[str]:
     """Names of modules to copy as trainable; :class:`ConfigError` for entries matching nothing."""
     if not modules_to_save:
         return []
-    names = [n for n, _ in model.named_modules() if n]
+    skip = set(skip)
+    names = [n for n, _ in model.named_modules() if n and n not in skip and not _inside(n, skip)]
     unknown = [t for t in modules_to_save if not any(name_matches(n, [t]) for n in names)]
     if unknown:
         raise ConfigError(_unknown_message("modules_to_save", unknown, names))
