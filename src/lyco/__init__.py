@@ -7,6 +7,7 @@ from .errors import (
     LycoError,
     MergeError,
     ShapeMismatchError,
+    StateError,
     TargetError,
     UnsupportedLayerError,
 )
@@ -19,6 +20,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaptedLayer", "Adapter", "AdapterConfig", "AdapterNameError", "ConfigError", "FormatError", "LoHaConfig",
-    "LoKrConfig", "LycoError", "LycoModel", "MergeError", "ModulesToSaveWrapper", "ShapeMismatchError",
+    "LoKrConfig", "LycoError", "LycoModel", "MergeError", "ModulesToSaveWrapper", "ShapeMismatchError", "StateError",
     "TargetError", "UnsupportedLayerError", "__version__", "factorization", "get_model", "register_method",
 ]  # fmt: skip

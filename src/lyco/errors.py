@@ -32,6 +32,10 @@ class MergeError(LycoError, ValueError):
     """Merging or unmerging is impossible (already merged, non-finite weights in safe merge, ...)."""
 
 
+class StateError(LycoError, RuntimeError):
+    """The operation is impossible in the current state (e.g. adapter weights still on ``meta``)."""
+
+
 class FormatError(LycoError, ValueError):
     """An adapter file or directory cannot be read or written (message names file and key)."""
 
@@ -47,6 +51,7 @@ __all__ = [
     "LycoError",
     "MergeError",
     "ShapeMismatchError",
+    "StateError",
     "TargetError",
     "UnsupportedLayerError",
 ]

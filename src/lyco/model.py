@@ -66,6 +66,7 @@ class LycoModel(nn.Module):
         self.peft_config: dict[str, AdapterConfig] = {}
         self._active: list[str] = []
         self._frozen: set[str] = set()
+        self._base_requires_grad: list[tuple[nn.Parameter, bool]] = []
         self.autocast_adapter_dtype = autocast_adapter_dtype
         self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
         self.set_adapter(adapter_name)
@@ -149,6 +150,7 @@ class LycoModel(nn.Module):
             raise UnsupportedLayerError(f"modules {clash} are both adapter targets and modules_to_save")
         # ---- nothing below can fail: commit ----
         if not self.peft_config:
+            self._base_requires_grad = [(p, p.requires_grad) for p in self.model.parameters()]
             for p in self.model.parameters():
                 p.requires_grad_(False)
         for name, module, adapter in created:
@@ -271,12 +273,17 @@ class LycoModel(nn.Module):
             layer.unmerge()
 
     def _unload(self, merge: bool) -> nn.Module:
+        """Put the original modules back (``modules_to_save``: trained copy if ``merge``) and restore the
+        base parameters' ``requires_grad`` flags as they were before the first adapter."""
         for name, layer in list(self.adapted_layers()):
             _set_submodule(self.model, name, layer.base_layer)
         for name, wrapper in list(self._wrappers()):
             _set_submodule(self.model, name, wrapper.current if merge else wrapper.original_module)
         self.peft_config.clear()
         self._active = []
+        for p, flag in self._base_requires_grad:
+            p.requires_grad_(flag)
+        self._base_requires_grad = []
         return self.model
 
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
@@ -298,7 +305,10 @@ class LycoModel(nn.Module):
     def set_scale(self, adapter: str, scale: float) -> None:
         """``scaling = scale · alpha / r`` on every layer of ``adapter`` (takes effect for unmerged use)."""
         self._check_known([adapter])
-        for _, layer in self.adapted_layers():
+        layers = [layer for _, layer in self.adapted_layers()]
+        for layer in layers:
+            layer.check_scalable([adapter])
+        for layer in layers:
             layer.set_scale(adapter, scale)
 
     # -- accounting ------------------------------------------------------------------------------

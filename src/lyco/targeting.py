@@ -50,12 +50,20 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "distilbert": ["q_lin", "v_lin"],
     "t5": ["q", "v"],
     "mt5": ["q", "v"],
-    "vit": ["query", "value"],
+    "vit": ["query", "value"],  # transformers < 5; see DEFAULT_TARGET_ALTERNATIVES
     "clip": ["q_proj", "v_proj"],
     "clip_text_model": ["q_proj", "v_proj"],
     "clip_vision_model": ["q_proj", "v_proj"],
     "siglip": ["q_proj", "v_proj"],
     "whisper": ["q_proj", "v_proj"],
+}
+
+# Names used by newer transformers releases for the same projections; the first list whose names
+# all exist in the model is used.
+DEFAULT_TARGET_ALTERNATIVES: dict[str, list[list[str]]] = {
+    "vit": [["q_proj", "v_proj"]],
+    "bert": [["q_proj", "v_proj"]],
+    "roberta": [["q_proj", "v_proj"]],
 }
 
 # diffusers models have no ``model_type``; matched by class name.
@@ -74,7 +82,12 @@ def default_target_modules(model: nn.Module) -> list[str]:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None) if config is not None else None
     if model_type in DEFAULT_TARGETS:
-        return list(DEFAULT_TARGETS[model_type])
+        candidates = [DEFAULT_TARGETS[model_type], *DEFAULT_TARGET_ALTERNATIVES.get(model_type, [])]
+        names = [n for n, _ in model.named_modules() if n]
+        for targets in candidates:
+            if all(any(name_matches(n, [t]) for n in names) for t in targets):
+                return list(targets)
+        return list(candidates[0])
     raise TargetError(
         f"target_modules is not set and there is no default for {type(model).__name__}"
         f"{f' (model_type={model_type!r})' if model_type else ''}; pass target_modules=[...] "
@@ -129,7 +142,7 @@ def find_targets(model: nn.Module, config: Any, skip: Iterable[str] = ()) -> lis
         targets = default_target_modules(model)
     if targets == "all-linear":
         modules = dict(model.named_modules())
-        specs = {n: layer_spec(modules[n]) for n in names}
+        specs = {n: layer_spec(getattr(modules[n], "base_layer", modules[n])) for n in names}
         chosen = [n for n in names if specs[n] and specs[n].kind != "conv" and not _is_output_head(n, model)]
     else:
         if isinstance(targets, list):

@@ -201,6 +201,8 @@ def load_peft_dir(
         model.delete_adapter(adapter_name)
         raise
     model.set_trainable(adapter_name, is_trainable)
+    if not is_trainable:
+        model.eval()
 
 
 def model_from_peft_dir(
@@ -222,4 +224,6 @@ def model_from_peft_dir(
         lyco_model.unload()
         raise
     lyco_model.set_trainable(adapter_name, is_trainable)
+    if not is_trainable:
+        lyco_model.eval()
     return lyco_model

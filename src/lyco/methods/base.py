@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..errors import ConfigError, MergeError, UnsupportedLayerError
+from ..errors import ConfigError, MergeError, StateError, UnsupportedLayerError
 from ..ops.layerops import SUPPORTED_LAYERS, LayerSpec, apply_weight, from_canonical, layer_spec
 
 META = torch.device("meta")
@@ -87,7 +87,7 @@ class AdapterConfig:
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError(f"{name}.layers_pattern is only used with layers_to_transform; set both or neither")
         if self.layers_to_transform is not None:
-            if isinstance(self.target_modules, str):
+            if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
                 raise ConfigError(f"{name}.layers_to_transform cannot be used when target_modules is a regex string")
             ltt = self.layers_to_transform
             items = [ltt] if isinstance(ltt, int) else list(ltt)
@@ -202,6 +202,11 @@ class Adapter(nn.Module, ABC):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
+    @property
+    def is_meta(self) -> bool:
+        """Weights not materialised yet (created with ``low_cpu_mem_usage=True`` and not loaded)."""
+        return any(p.is_meta for p in self.parameters())
+
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}"
 
@@ -293,7 +298,7 @@ class AdaptedLayer(nn.Module):
 
     def delta_activations(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """``scaling · mask · ΔW·x`` of one adapter (mask: rank dropout, training only)."""
-        adapter = self.lyco_adapters[name]
+        adapter = self._materialised(name)
         if self.cast_input_dtype_enabled:
             x = x.to(adapter.dtype)
         out = adapter.forward_delta(x, self.base_layer)
@@ -306,10 +311,19 @@ class AdaptedLayer(nn.Module):
             return out * (mask * adapter.scaling).view(shape)
         return out * adapter.scaling
 
+    def _materialised(self, name: str) -> Adapter:
+        adapter = self.lyco_adapters[name]
+        if adapter.is_meta and not self.base_layer.weight.is_meta:
+            raise StateError(
+                f"adapter {name!r} on {type(self.base_layer).__name__} still has its weights on the meta device "
+                "(low_cpu_mem_usage=True); load its weights before using it"
+            )
+        return adapter
+
     # -- weights -----------------------------------------------------------------------------
     def get_delta_weight(self, name: str) -> torch.Tensor:
         """Scaled ``ΔW`` of one adapter, laid out like the base layer's stored weight. No dropout."""
-        adapter = self.lyco_adapters[name]
+        adapter = self._materialised(name)
         return from_canonical(self.spec, adapter.delta_weight() * adapter.scaling)
 
     def _merged_weight(self, name: str) -> torch.Tensor:
@@ -349,20 +363,29 @@ class AdaptedLayer(nn.Module):
                 weight.data.copy_((weight.data.float() - delta).to(weight.dtype))
 
     # -- scale -------------------------------------------------------------------------------
+    def check_scalable(self, names: list[str]) -> None:
+        """Changing the scale of a merged adapter would make unmerge subtract the wrong delta."""
+        merged = [n for n in names if n in self.merged_adapters]
+        if merged:
+            raise MergeError(f"adapter(s) {merged} are merged; unmerge before changing their scale")
+
     def set_scale(self, adapter: str, scale: float) -> None:
         """``scaling = scale · alpha / r`` for one adapter."""
+        self.check_scalable([adapter])
         if adapter in self.lyco_adapters:
             a = self.lyco_adapters[adapter]
             a.scaling = scale * a.default_scaling()
 
     def scale_layer(self, scale: float) -> None:
         """Multiply the scaling of every active adapter by ``scale``."""
+        self.check_scalable(self.active_adapters)
         for name in self.active_adapters:
             if name in self.lyco_adapters:
                 self.lyco_adapters[name].scaling *= scale
 
     def unscale_layer(self, scale: float | None = None) -> None:
         """Divide active scalings by ``scale``, or reset them to ``alpha / r`` when ``scale`` is None."""
+        self.check_scalable(self.active_adapters)
         for name in self.active_adapters:
             if name in self.lyco_adapters:
                 a = self.lyco_adapters[name]

@@ -1,0 +1,127 @@
+"""The real ``peft`` package as oracle: its adapter folders load in lyco and lyco's load in peft, same outputs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lyco
+
+peft = pytest.importorskip("peft")
+
+ATOL = 1e-5  # fp32; peft rebuilds ΔW densely, lyco may use a factored path
+MOVED = 1e-4  # the adapter must change the output by more than this, or the comparison proves nothing
+
+
+class MixedNet(nn.Module):
+    """Conv2d(4→16, k3) → Conv1d(16→32, k3) → Linear(32→16) → head Linear(16→3); input (N, 4, 5, 5)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv2d = nn.Conv2d(4, 16, 3, padding=1)
+        self.conv1d = nn.Conv1d(16, 32, 3, padding=1)
+        self.fc = nn.Linear(32, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.conv2d(x).relu().flatten(2)
+        h = self.conv1d(h).relu().mean(-1)
+        return self.head(self.fc(h).relu())
+
+
+X = torch.randn(3, 4, 5, 5, generator=torch.Generator().manual_seed(1))
+ALL = ["conv2d", "conv1d", "fc"]
+
+# (name, peft config class, lyco config class, kwargs shared by both)
+CASES = [
+    ("loha", "LoHaConfig", {"r": 2, "alpha": 3, "target_modules": ALL}),
+    ("loha-patterns", "LoHaConfig", {"r": 2, "alpha": 3, "target_modules": ALL,
+                                     "rank_pattern": {"conv1d": 3, r"conv\dd": 1}, "alpha_pattern": {"fc": 5.0}}),
+    ("loha-effective-conv", "LoHaConfig", {"r": 2, "alpha": 4, "target_modules": ALL, "use_effective_conv2d": True}),
+    ("loha-modules-to-save", "LoHaConfig", {"r": 2, "target_modules": ["fc"], "modules_to_save": ["head"]}),
+    # LoKr Conv1d is left out where w2 is a full matrix (r >= max(out_r, in_r)/2): peft's make_kron scrambles
+    # the Conv1d layout there (known peft bug, see DESIGN.md), and peft's Conv1d CP path crashes; Conv1d is
+    # covered below with a decomposed, non-CP w2.
+    ("lokr-full-w2", "LoKrConfig", {"r": 2, "alpha": 3, "target_modules": ["conv2d", "fc"]}),
+    ("lokr-decomposed", "LoKrConfig", {"r": 1, "alpha": 3, "target_modules": ALL, "rank_pattern": {"fc": 2}}),
+    ("lokr-both-cp", "LoKrConfig", {"r": 1, "alpha": 2, "target_modules": ["conv2d", "fc"],
+                                    "decompose_both": True, "use_effective_conv2d": True}),
+    ("lokr-factor", "LoKrConfig", {"r": 1, "alpha": 2, "target_modules": ALL, "decompose_factor": 2,
+                                   "alpha_pattern": {"conv1d": 0.5}}),
+]  # fmt: skip
+
+
+def base_model() -> MixedNet:
+    torch.manual_seed(0)
+    return MixedNet()
+
+
+def run(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(X)
+
+
+def _peft_model(cls_name, kwargs, base):
+    torch.manual_seed(11)
+    model = peft.get_peft_model(copy.deepcopy(base), getattr(peft, cls_name)(init_weights=False, **kwargs))
+    if "modules_to_save" in kwargs:
+        with torch.no_grad():  # make the saved copy differ from the original
+            model.base_model.model.head.modules_to_save["default"].bias.add_(0.25)
+    return model.eval()
+
+
+@pytest.mark.parametrize(("name", "cls_name", "kwargs"), CASES, ids=[c[0] for c in CASES])
+def test_peft_dir_loads_in_lyco(tmp_path, name, cls_name, kwargs):
+    base = base_model()
+    base_out = run(base)
+    peft_model = _peft_model(cls_name, kwargs, base)
+    expected = run(peft_model)
+    assert (expected - base_out).abs().max() > MOVED
+    peft_model.save_pretrained(tmp_path)
+    model = lyco.LycoModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert type(model.peft_config["default"]).__name__ == cls_name
+    torch.testing.assert_close(run(model.eval()), expected, atol=ATOL, rtol=0)
+    # per-layer rank / scaling as peft computed them
+    for lname, layer in model.adapted_layers():
+        peft_layer = peft_model.base_model.model.get_submodule(lname)
+        assert layer.r["default"] == peft_layer.r["default"], lname
+        assert layer.scaling["default"] == pytest.approx(peft_layer.scaling["default"]), lname
+    # merged lyco == peft too
+    plain = model.merge_and_unload()
+    torch.testing.assert_close(run(plain), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(("name", "cls_name", "kwargs"), CASES, ids=[c[0] for c in CASES])
+def test_lyco_dir_loads_in_peft(tmp_path, name, cls_name, kwargs):
+    base = base_model()
+    torch.manual_seed(13)
+    model = lyco.get_model(copy.deepcopy(base), getattr(lyco, cls_name)(init_weights=False, **kwargs))
+    if "modules_to_save" in kwargs:
+        with torch.no_grad():
+            model.model.head.modules_to_save["default"].bias.add_(0.25)
+    expected = run(model.eval())
+    assert (expected - run(base)).abs().max() > MOVED
+    model.save_pretrained(tmp_path)
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert peft_model.peft_config["default"].peft_type.value == model.peft_config["default"].peft_type
+    torch.testing.assert_close(run(peft_model), expected, atol=ATOL, rtol=0)
+
+
+def test_peft_multiple_adapters_load_adapter(tmp_path):
+    base = base_model()
+    peft_model = _peft_model("LoHaConfig", {"r": 2, "target_modules": ["fc", "conv2d"]}, base)
+    torch.manual_seed(17)
+    peft_model.add_adapter("second", peft.LoHaConfig(r=1, alpha=2, target_modules=["fc"], init_weights=False))
+    out_default = run(peft_model)
+    peft_model.set_adapter("second")
+    out_second = run(peft_model)
+    peft_model.save_pretrained(tmp_path)
+    assert (tmp_path / "second" / "adapter_config.json").is_file()  # peft's layout for non-default adapters
+    model = lyco.LycoModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    model.load_adapter(tmp_path / "second", adapter_name="second")
+    torch.testing.assert_close(run(model), out_default, atol=ATOL, rtol=0)
+    model.set_adapter("second")
+    torch.testing.assert_close(run(model), out_second, atol=ATOL, rtol=0)
