@@ -307,7 +307,7 @@ class AdaptedLayer(nn.Module):
                 self.spec.out_features, adapter.rank_dropout, adapter.rank_dropout_scale, out.device, out.dtype
             )
             shape = [1] * out.dim()
-            shape[self.spec.channel_dim] = -1
+            shape[self.spec.channel_dim(out.dim())] = -1
             return out * (mask * adapter.scaling).view(shape)
         return out * adapter.scaling
 

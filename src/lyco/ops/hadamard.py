@@ -78,3 +78,28 @@ def hada_delta_naive(hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b, hada_t1=None, h
     r1 = torch.einsum("ij...,jr,ip->pr...", hada_t1, hada_w1_b, hada_w1_a)
     r2 = torch.einsum("ij...,jr,ip->pr...", hada_t2, hada_w2_b, hada_w2_a)
     return r1 * r2
+
+
+def hada_khatri_rao(
+    hada_w1_a: torch.Tensor, hada_w1_b: torch.Tensor, hada_w2_a: torch.Tensor, hada_w2_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factor the LoHa delta as ``ΔW = ka @ kb`` with inner rank ``r1·r2`` (Khatri-Rao products).
+
+    ``ka[o, s·r2+t] = w1_a[o, s]·w2_a[o, t]`` → ``(o, r1·r2)``; ``kb[s·r2+t, i] = w1_b[s, i]·w2_b[t, i]``
+    → ``(r1·r2, i)``. Then ``(w1_a @ w1_b) ⊙ (w2_a @ w2_b) == ka @ kb``.
+    """
+    ka = (hada_w1_a.unsqueeze(2) * hada_w2_a.unsqueeze(1)).flatten(1)
+    kb = (hada_w1_b.unsqueeze(1) * hada_w2_b.unsqueeze(0)).flatten(0, 1)
+    return ka, kb
+
+
+def hada_apply(
+    x: torch.Tensor,
+    hada_w1_a: torch.Tensor,
+    hada_w1_b: torch.Tensor,
+    hada_w2_a: torch.Tensor,
+    hada_w2_b: torch.Tensor,
+) -> torch.Tensor:
+    """``x (..., i) → (..., o)`` times the unscaled LoHa delta, never materialising ``ΔW (o, i)``."""
+    ka, kb = hada_khatri_rao(hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b)
+    return torch.nn.functional.linear(torch.nn.functional.linear(x, kb), ka)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def make_kron(lokr_w1: torch.Tensor, lokr_w2: torch.Tensor) -> torch.Tensor:
@@ -14,3 +15,38 @@ def make_kron(lokr_w1: torch.Tensor, lokr_w2: torch.Tensor) -> torch.Tensor:
     """
     w1 = lokr_w1.reshape(*lokr_w1.shape, *([1] * (lokr_w2.dim() - 2)))
     return torch.kron(w1, lokr_w2.contiguous())
+
+
+def kron_apply(
+    x: torch.Tensor,
+    lokr_w1: torch.Tensor,
+    lokr_w2: torch.Tensor | None = None,
+    lokr_w2_a: torch.Tensor | None = None,
+    lokr_w2_b: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x (..., in_l·in_r) → (..., out_l·out_r)`` times ``kron(w1, w2)`` without building it.
+
+    ``kron(w1, w2)·vec(X) = vec(w1 X w2ᵀ)`` with ``X (in_l, in_r)`` per row. ``w1 (out_l, in_l)``; ``w2 (out_r,
+    in_r)`` full or as ``w2_a (out_r, r) @ w2_b (r, in_r)`` (applied as two thin products). The side
+    with fewer multiply-adds goes first.
+    """
+    out_l, in_l = lokr_w1.shape
+    low_rank = lokr_w2 is None
+    in_r = lokr_w2_b.shape[1] if low_rank else lokr_w2.shape[1]
+    out_r = lokr_w2_a.shape[0] if low_rank else lokr_w2.shape[0]
+    cost_w2 = lokr_w2_a.shape[1] * (in_r + out_r) if low_rank else in_r * out_r
+
+    def right(t: torch.Tensor) -> torch.Tensor:  # (..., k, in_r) -> (..., k, out_r)
+        if low_rank:
+            return F.linear(F.linear(t, lokr_w2_b), lokr_w2_a)
+        return F.linear(t, lokr_w2)
+
+    lead = x.shape[:-1]
+    xs = x.reshape(*lead, in_l, in_r)
+    if in_l * cost_w2 + out_l * in_l * out_r <= out_l * in_l * in_r + out_l * cost_w2:
+        y = right(xs)  # (..., in_l, out_r)
+        y = torch.matmul(lokr_w1, y)  # (..., out_l, out_r)
+    else:
+        y = torch.matmul(lokr_w1, xs)  # (..., out_l, in_r)
+        y = right(y)  # (..., out_l, out_r)
+    return y.reshape(*lead, out_l * out_r)

@@ -21,7 +21,6 @@ class LayerSpec:
     """What an adapter needs to know about a base layer.
 
     ``kind``: ``"linear"``, ``"conv"`` or ``"conv1d_t"`` (transformers ``Conv1D``, weight ``(in, out)``).
-    ``channel_dim``: dimension of the output that holds the ``out`` channels (-1 linear, 1 conv).
     """
 
     kind: str
@@ -34,9 +33,9 @@ class LayerSpec:
         """Canonical delta shape ``(out, in, *kernel)``."""
         return (self.out_features, self.in_features, *self.kernel)
 
-    @property
-    def channel_dim(self) -> int:
-        return 1 if self.kind == "conv" else -1
+    def channel_dim(self, ndim: int) -> int:
+        """Dimension of an output with ``ndim`` dims that holds the ``out`` channels (conv may be unbatched)."""
+        return ndim - len(self.kernel) - 1 if self.kind == "conv" else ndim - 1
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:

@@ -1,0 +1,153 @@
+"""Shared fixtures: deterministic seeds and a factory of small base layers of every supported kind.
+
+``LAYER_KINDS`` names every layer flavour the adapters must handle; ``make_layer(kind)`` builds one,
+``make_input(kind)`` a matching input batch and ``Container(layer)`` a one-layer module whose only
+adaptable child is called ``layer`` (target it with ``target_modules=["layer"]``). The same helpers
+are available as fixtures (``make_layer``, ``make_input``, ``make_container``) for tests that prefer them.
+
+Dimensions are chosen so that LoKr's default split ``factorization(dim)`` leaves room for every
+branch: ``out=64 → (8, 8)``, ``in=48 → (6, 8)`` for linear layers, ``out=64 → (8, 8)``,
+``in (per group)=32 → (4, 8)`` for convolutions; ``r=2`` gives low-rank factors, ``r=8`` full ones.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import lyco
+
+# The test tensors are tiny: one intra-op thread is faster, and it avoids the spin-wait collapse seen when
+# `pytest -n 2` workers (or other jobs) share 2 cores with 2 torch threads each (8 s → 43 s measured).
+torch.set_num_threads(int(os.environ.get("LYCO_TEST_THREADS", "1")))
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """How to build one base layer and an input for it (``input_shape`` without the batch dim)."""
+
+    build: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+
+
+LINEAR_IN, LINEAR_OUT, SEQ = 48, 64, 5
+CONV_IN, CONV_OUT = 32, 64
+
+LAYER_KINDS: dict[str, LayerKind] = {
+    "linear": LayerKind(lambda: nn.Linear(LINEAR_IN, LINEAR_OUT), (SEQ, LINEAR_IN)),
+    # transformers' GPT-2 style Conv1D: a linear layer with weight stored as (in, out)
+    "hf_conv1d": LayerKind(lambda: Conv1D(LINEAR_OUT, LINEAR_IN), (SEQ, LINEAR_IN)),
+    "conv1d": LayerKind(lambda: nn.Conv1d(CONV_IN, CONV_OUT, 3), (CONV_IN, 11)),
+    "conv1d_strided": LayerKind(
+        lambda: nn.Conv1d(CONV_IN, CONV_OUT, 3, stride=2, padding=2, dilation=2), (CONV_IN, 11)
+    ),
+    "conv1d_1x1": LayerKind(lambda: nn.Conv1d(CONV_IN, CONV_OUT, 1), (CONV_IN, 11)),
+    "conv1d_groups_reflect": LayerKind(
+        lambda: nn.Conv1d(2 * CONV_IN, CONV_OUT, 3, groups=2, padding=1, padding_mode="reflect"),
+        (2 * CONV_IN, 11),
+    ),
+    "conv2d": LayerKind(lambda: nn.Conv2d(CONV_IN, CONV_OUT, 3), (CONV_IN, 7, 7)),
+    "conv2d_strided": LayerKind(
+        lambda: nn.Conv2d(CONV_IN, CONV_OUT, 3, stride=2, padding=1), (CONV_IN, 7, 7)
+    ),
+    "conv2d_dilated": LayerKind(
+        lambda: nn.Conv2d(CONV_IN, CONV_OUT, (3, 2), dilation=2, padding=(2, 1)), (CONV_IN, 7, 7)
+    ),
+    "conv2d_groups": LayerKind(lambda: nn.Conv2d(2 * CONV_IN, CONV_OUT, 3, groups=2), (2 * CONV_IN, 7, 7)),
+    "conv2d_reflect": LayerKind(
+        lambda: nn.Conv2d(CONV_IN, CONV_OUT, 3, padding=1, padding_mode="reflect"), (CONV_IN, 7, 7)
+    ),
+    "conv2d_1x1": LayerKind(lambda: nn.Conv2d(CONV_IN, CONV_OUT, 1), (CONV_IN, 7, 7)),
+}
+
+LINEAR_KINDS = ("linear", "hf_conv1d")
+CONV_KINDS = tuple(k for k in LAYER_KINDS if k not in LINEAR_KINDS)
+
+
+def make_layer(kind: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A fresh base layer of ``kind`` (random init from the current seed), in ``dtype``."""
+    return LAYER_KINDS[kind].build().to(dtype)
+
+
+def make_input(kind: str, batch: int = 2, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A random input batch ``(batch, *input_shape)`` for a layer of ``kind``."""
+    return torch.randn(batch, *LAYER_KINDS[kind].input_shape, dtype=dtype)
+
+
+class Container(nn.Module):
+    """The smallest model around one layer: ``forward(x) = layer(x)``; target it as ``"layer"``."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def adapt(
+    kind: str,
+    config: lyco.AdapterConfig,
+    *,
+    dtype: torch.dtype = torch.float32,
+    autocast_adapter_dtype: bool = True,
+) -> tuple[lyco.LycoModel, lyco.AdaptedLayer]:
+    """``get_model`` on a :class:`Container` of a fresh ``kind`` layer (``config`` must target ``"layer"``)."""
+    model = lyco.get_model(
+        Container(make_layer(kind, dtype)), config, autocast_adapter_dtype=autocast_adapter_dtype
+    )
+    layer = model.model.layer
+    assert isinstance(layer, lyco.AdaptedLayer)
+    return model, layer
+
+
+def reference_apply(base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Apply ``weight`` (laid out like ``base.weight``) to ``x`` as ``base`` would, without bias.
+
+    Written independently of ``lyco.ops.layerops``: explicit ``F.pad`` for non-zero padding modes,
+    then ``F.conv1d``/``F.conv2d`` with the base layer's stride, padding, dilation and groups.
+    """
+    if isinstance(base, Conv1D):
+        return x @ weight  # Conv1D stores (in, out)
+    if isinstance(base, nn.Linear):
+        return F.linear(x, weight)
+    conv = {3: F.conv1d, 4: F.conv2d}[weight.dim()]
+    padding = base.padding
+    if base.padding_mode != "zeros":
+        x = F.pad(x, [p for p in reversed(base.padding) for _ in range(2)], mode=base.padding_mode)
+        padding = 0
+    return conv(x, weight, None, base.stride, padding, base.dilation, base.groups)
+
+
+def channel_dim(base: nn.Module) -> int:
+    """Dimension of the base layer's output that holds its output channels/features."""
+    return 1 if isinstance(base, (nn.Conv1d, nn.Conv2d)) else -1
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    """Every test starts from the same RNG state."""
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def make_container() -> Callable[..., Container]:
+    """``make_container(kind, dtype=fp32)`` → a :class:`Container` holding a fresh layer of ``kind``."""
+    return lambda kind, dtype=torch.float32: Container(make_layer(kind, dtype))
+
+
+@pytest.fixture(name="make_layer")
+def _make_layer_fixture() -> Callable[..., nn.Module]:
+    return make_layer
+
+
+@pytest.fixture(name="make_input")
+def _make_input_fixture() -> Callable[..., torch.Tensor]:
+    return make_input
