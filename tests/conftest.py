@@ -151,3 +151,48 @@ def _make_layer_fixture() -> Callable[..., nn.Module]:
 @pytest.fixture(name="make_input")
 def _make_input_fixture() -> Callable[..., torch.Tensor]:
     return make_input
+
+
+# -- a small mixed model shared by the model-level tests -------------------------------------------------
+class MixedNet(nn.Module):
+    """Conv2d(4→16, k3) → Conv1d(16→32, k3) → Linear(32→16) → head Linear(16→3); input (N, 4, 5, 5)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv2d = nn.Conv2d(4, 16, 3, padding=1)
+        self.conv1d = nn.Conv1d(16, 32, 3, padding=1)
+        self.fc = nn.Linear(32, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.conv2d(x).relu().flatten(2)
+        h = self.conv1d(h).relu().mean(-1)
+        return self.head(self.fc(h).relu())
+
+
+def base_model() -> MixedNet:
+    """The same MixedNet weights on every call."""
+    torch.manual_seed(0)
+    return MixedNet()
+
+
+X = torch.randn(3, 4, 5, 5, generator=torch.Generator().manual_seed(1))
+
+
+def fingerprint(root: nn.Module) -> dict:
+    """Everything a failed call must not change: module objects and types, tensors, grad flags."""
+    return {
+        "modules": [(n, id(m), type(m)) for n, m in root.named_modules()],
+        "state": {k: v.detach().clone() for k, v in root.state_dict().items()},
+        "grad": {n: p.requires_grad for n, p in root.named_parameters()},
+    }
+
+
+def assert_untouched(root: nn.Module, before: dict) -> None:
+    """Module objects, grad flags and every tensor (bit for bit, NaN-aware) equal ``before``."""
+    after = fingerprint(root)
+    assert after["modules"] == before["modules"]
+    assert after["grad"] == before["grad"]
+    assert after["state"].keys() == before["state"].keys()
+    for key, value in before["state"].items():
+        torch.testing.assert_close(after["state"][key], value, atol=0, rtol=0, equal_nan=True, msg=key)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import lyco
+from conftest import X, base_model
 from lyco.methods.base import METHODS
 
 ATOL = 1e-5
@@ -54,28 +55,6 @@ def testlora():
     METHODS.pop("TESTLORA", None)
 
 
-class MixedNet(nn.Module):
-    """Conv2d(4→16, k3) → Conv1d(16→32, k3) → Linear(32→16) → head Linear(16→3); input (N, 4, 5, 5)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv2d = nn.Conv2d(4, 16, 3, padding=1)
-        self.conv1d = nn.Conv1d(16, 32, 3, padding=1)
-        self.fc = nn.Linear(32, 16)
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, x):
-        h = self.conv2d(x).relu().flatten(2)
-        h = self.conv1d(h).relu().mean(-1)
-        return self.head(self.fc(h).relu())
-
-
-def base_model() -> MixedNet:
-    torch.manual_seed(0)
-    return MixedNet()
-
-
-X = torch.randn(3, 4, 5, 5, generator=torch.Generator().manual_seed(1))
 TARGETS = ["conv2d", "conv1d", "fc"]
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import lyco
+from conftest import assert_untouched, fingerprint
 
 METHODS = [lyco.LoHaConfig, lyco.LoKrConfig]
 
@@ -38,24 +39,6 @@ def net() -> ErrNet:
 
 
 IDS = torch.tensor([[1, 2, 3], [4, 5, 6]])
-
-
-def fingerprint(root: nn.Module) -> dict:
-    """Everything a failed call must not change: module objects and types, tensors, grad flags."""
-    return {
-        "modules": [(n, id(m), type(m)) for n, m in root.named_modules()],
-        "state": {k: v.detach().clone() for k, v in root.state_dict().items()},
-        "grad": {n: p.requires_grad for n, p in root.named_parameters()},
-    }
-
-
-def assert_untouched(root: nn.Module, before: dict) -> None:
-    after = fingerprint(root)
-    assert after["modules"] == before["modules"]
-    assert after["grad"] == before["grad"]
-    assert after["state"].keys() == before["state"].keys()
-    for key, value in before["state"].items():
-        torch.testing.assert_close(after["state"][key], value, atol=0, rtol=0, equal_nan=True, msg=key)
 
 
 def model_state(model: lyco.LycoModel) -> tuple:

@@ -10,34 +10,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lyco
+from conftest import MixedNet, X, assert_untouched, base_model, fingerprint
 
 EXACT = 1e-6  # same weights, same code path: outputs must agree to rounding
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
-
-
-class MixedNet(nn.Module):
-    """Conv2d(4→16, k3) → Conv1d(16→32, k3) → Linear(32→16) → head Linear(16→3); input (N, 4, 5, 5)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv2d = nn.Conv2d(4, 16, 3, padding=1)
-        self.conv1d = nn.Conv1d(16, 32, 3, padding=1)
-        self.fc = nn.Linear(32, 16)
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, x):
-        h = self.conv2d(x).relu().flatten(2)
-        h = self.conv1d(h).relu().mean(-1)
-        return self.head(self.fc(h).relu())
-
-
-def base_model() -> MixedNet:
-    torch.manual_seed(0)
-    return MixedNet()
-
-
-X = torch.randn(3, 4, 5, 5, generator=torch.Generator().manual_seed(1))
 
 
 def run(model: nn.Module) -> torch.Tensor:
@@ -59,23 +36,6 @@ CONFIGS = {
         r=1, alpha=2, target_modules=TARGETS, init_weights=False, decompose_both=True, decompose_factor=4,
         rank_dropout=0.1, module_dropout=0.1),
 }  # fmt: skip
-
-
-def fingerprint(root: nn.Module) -> dict:
-    return {
-        "modules": [(n, id(m), type(m)) for n, m in root.named_modules()],
-        "state": {k: v.detach().clone() for k, v in root.state_dict().items()},
-        "grad": {n: p.requires_grad for n, p in root.named_parameters()},
-    }
-
-
-def assert_untouched(root: nn.Module, before: dict) -> None:
-    after = fingerprint(root)
-    assert after["modules"] == before["modules"]
-    assert after["state"].keys() == before["state"].keys()
-    for key, value in before["state"].items():
-        assert torch.equal(after["state"][key], value), key
-    assert after["grad"] == before["grad"]
 
 
 # -- round trip ----------------------------------------------------------------------------------

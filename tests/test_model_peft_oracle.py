@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import lyco
+from conftest import X, base_model
 
 peft = pytest.importorskip("peft")
 
@@ -16,23 +17,6 @@ ATOL = 1e-5  # fp32; peft rebuilds ΔW densely, lyco may use a factored path
 MOVED = 1e-4  # the adapter must change the output by more than this, or the comparison proves nothing
 
 
-class MixedNet(nn.Module):
-    """Conv2d(4→16, k3) → Conv1d(16→32, k3) → Linear(32→16) → head Linear(16→3); input (N, 4, 5, 5)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv2d = nn.Conv2d(4, 16, 3, padding=1)
-        self.conv1d = nn.Conv1d(16, 32, 3, padding=1)
-        self.fc = nn.Linear(32, 16)
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, x):
-        h = self.conv2d(x).relu().flatten(2)
-        h = self.conv1d(h).relu().mean(-1)
-        return self.head(self.fc(h).relu())
-
-
-X = torch.randn(3, 4, 5, 5, generator=torch.Generator().manual_seed(1))
 ALL = ["conv2d", "conv1d", "fc"]
 
 # (name, peft config class, lyco config class, kwargs shared by both)
@@ -52,11 +36,6 @@ CASES = [
     ("lokr-factor", "LoKrConfig", {"r": 1, "alpha": 2, "target_modules": ALL, "decompose_factor": 2,
                                    "alpha_pattern": {"conv1d": 0.5}}),
 ]  # fmt: skip
-
-
-def base_model() -> MixedNet:
-    torch.manual_seed(0)
-    return MixedNet()
 
 
 def run(model: nn.Module) -> torch.Tensor:

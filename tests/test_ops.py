@@ -254,3 +254,13 @@ def test_make_kron_conv1d_regression():
     w1, w2 = torch.randn(2, 2), torch.randn(3, 4, 5)
     want = torch.einsum("ip,jqk->ijpqk", w1, w2).reshape(6, 8, 5)
     assert torch.equal(make_kron(w1, w2), want)
+
+
+def test_make_kron_accepts_odd_strides_on_unit_dims():
+    """Regression: einsum can return a 'contiguous' tensor whose size-1 dim has a stride torch.kron's
+    internal view rejects (found by hypothesis: out=2, in=6, kernel=(2, 1), r=1, effective conv)."""
+    w2 = torch.randn(2, 3, 2, 12).as_strided((2, 3, 2, 1), (6, 2, 1, 12))
+    assert w2.is_contiguous()
+    w1 = torch.randn(1, 2)
+    expected = torch.kron(w1[:, :, None, None], w2.clone().reshape(2, 3, 2).unsqueeze(-1).contiguous())
+    torch.testing.assert_close(make_kron(w1, w2), expected)

@@ -13,8 +13,13 @@ def make_kron(lokr_w1: torch.Tensor, lokr_w2: torch.Tensor) -> torch.Tensor:
     dims so the kernel dims of ``w2`` stay in place for every kernel rank (PEFT only does this for
     4-D ``w2``, which scrambles Conv1d full-``w2`` layouts).
     """
-    w1 = lokr_w1.reshape(*lokr_w1.shape, *([1] * (lokr_w2.dim() - 2)))
-    return torch.kron(w1, lokr_w2.contiguous())
+    a, c = lokr_w1.shape
+    b, d, *k = lokr_w2.shape
+    unit = [1] * len(k)
+    # Broadcast product (a, b, c, d, *k) then merge (a, b) and (c, d): torch.kron views its inputs and fails
+    # on tensors whose size-1 dims carry odd strides (as einsum outputs can).
+    prod = lokr_w1.reshape(a, 1, c, 1, *unit) * lokr_w2.reshape(1, b, 1, d, *k)
+    return prod.reshape(a * b, c * d, *k)
 
 
 def kron_apply(
