@@ -140,6 +140,7 @@ class Adapter(nn.Module, ABC):
     config_cls: ClassVar[type[AdapterConfig]]
     param_names: ClassVar[tuple[str, ...]] = ()
     rank_dropout_scale_default: ClassVar[bool] = True
+    path: str | None = None  # "dense" / "factored" forces this adapter's path; None: LYCO_PATH or cost model
 
     def __init__(
         self,

@@ -16,7 +16,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..ops.factorize import plan_lokr
-from ..ops.kron import make_kron
+from ..ops.kron import kron_apply, kron_apply_cost, make_kron
+from ..ops.paths import choose_path
 from ..ops.tucker import cp_rebuild
 from .base import Adapter, AdapterConfig, register_method
 
@@ -91,3 +92,24 @@ class LoKrAdapter(Adapter):
 
     def delta_weight(self) -> torch.Tensor:
         return make_kron(self.w1(), self.w2())
+
+    def path_costs(self, n_rows: int) -> tuple[float, float]:
+        """Multiply-adds ``(dense, factored)`` for ``n_rows`` input rows of a linear-like layer."""
+        p = self.plan
+        o, i = p.out_features, p.in_features
+        w1_build = 0 if p.use_w1 else p.out_l * p.in_l * p.r
+        w2_build = 0 if p.use_w2 else p.out_r * p.in_r * p.r
+        rank = None if p.use_w2 else p.r
+        factored = w1_build + n_rows * kron_apply_cost(p.out_l, p.in_l, p.out_r, p.in_r, rank)
+        return w1_build + w2_build + o * i + n_rows * o * i, factored
+
+    def forward_delta(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        p = self.plan
+        if self.spec.kind != "conv":
+            n_rows = x.numel() // max(p.in_features, 1)
+            if choose_path(*self.path_costs(n_rows), self.path) == "factored":
+                w1 = self.w1().to(x.dtype)
+                if p.use_w2:
+                    return kron_apply(x, w1, self.lokr_w2.to(x.dtype))
+                return kron_apply(x, w1, None, self.lokr_w2_a.to(x.dtype), self.lokr_w2_b.to(x.dtype))
+        return super().forward_delta(x, base_layer)

@@ -39,7 +39,6 @@ def kron_apply(
     low_rank = lokr_w2 is None
     in_r = lokr_w2_b.shape[1] if low_rank else lokr_w2.shape[1]
     out_r = lokr_w2_a.shape[0] if low_rank else lokr_w2.shape[0]
-    cost_w2 = lokr_w2_a.shape[1] * (in_r + out_r) if low_rank else in_r * out_r
 
     def right(t: torch.Tensor) -> torch.Tensor:  # (..., k, in_r) -> (..., k, out_r)
         if low_rank:
@@ -48,10 +47,32 @@ def kron_apply(
 
     lead = x.shape[:-1]
     xs = x.reshape(*lead, in_l, in_r)
-    if in_l * cost_w2 + out_l * in_l * out_r <= out_l * in_l * in_r + out_l * cost_w2:
+    rank = lokr_w2_a.shape[1] if low_rank else None
+    # w1 acts on the second-to-last dim: F.linear on a contiguous transposed copy folds every leading dim
+    # into one matmul. (On a strided view, matmul's folding depends on requires_grad, so a trainable and a
+    # frozen copy of the same adapter would round differently.)
+    if _right_first(out_l, in_l, out_r, in_r, rank):
         y = right(xs)  # (..., in_l, out_r)
-        y = torch.matmul(lokr_w1, y)  # (..., out_l, out_r)
+        y = F.linear(y.mT.contiguous(), lokr_w1).mT  # (..., out_l, out_r)
     else:
-        y = torch.matmul(lokr_w1, xs)  # (..., out_l, in_r)
+        y = F.linear(xs.mT.contiguous(), lokr_w1).mT.contiguous()  # (..., out_l, in_r)
         y = right(y)  # (..., out_l, out_r)
     return y.reshape(*lead, out_l * out_r)
+
+
+def _w2_cost(out_r: int, in_r: int, rank: int | None) -> int:
+    return in_r * out_r if rank is None else rank * (in_r + out_r)
+
+
+def _right_first(out_l: int, in_l: int, out_r: int, in_r: int, rank: int | None) -> bool:
+    w2 = _w2_cost(out_r, in_r, rank)
+    return in_l * w2 + out_l * in_l * out_r <= out_l * in_l * in_r + out_l * w2
+
+
+def kron_apply_cost(out_l: int, in_l: int, out_r: int, in_r: int, rank: int | None = None) -> int:
+    """Work of :func:`kron_apply` per input row (``rank``: ``w2`` low-rank, else full): multiply-adds plus
+    the elements its two transposed copies move (counted one each)."""
+    w2 = _w2_cost(out_r, in_r, rank)
+    if _right_first(out_l, in_l, out_r, in_r, rank):
+        return in_l * w2 + out_l * in_l * out_r + in_l * out_r + out_l * out_r
+    return out_l * in_l * in_r + out_l * w2 + in_l * in_r + out_l * in_r
