@@ -19,7 +19,7 @@ What it measures (CPU, fp32, one process, everything in the same run):
   grad, base weights are frozen, and the *input requires grad* in every implementation, so that the
   frozen model has a backward (gradient w.r.t. the input through every layer) to compare with.
   ``infer`` = ``torch.no_grad()`` forward in eval mode.
-* Time: ``--warmup`` untimed steps, then rounds in which every implementation of the case runs once,
+* Time: ``--warmup`` untimed rounds (more for very short steps), then rounds in which every implementation of the case runs once,
   in an order rotated each round (interleaved, so machine drift hits all alike); the number of rounds
   fits a per-case time budget, between ``--min-repeats`` and ``--max-repeats``. Reported: the median.
 * Memory: bytes saved for backward in one training step, via ``torch.autograd.graph.saved_tensors_hooks``:
@@ -27,8 +27,13 @@ What it measures (CPU, fp32, one process, everything in the same run):
   out storages of parameters and buffers (base weights and adapter factors exist anyway; a rebuilt
   dense ΔW or an r²-wide intermediate is counted). Deterministic, a proxy for the training peak on top
   of the weights. Tensors a custom ``autograd.Function`` keeps as plain ``ctx`` attributes escape the
-  hooks. The JSON also has the RSS growth over that forward (``/proc/self/statm``; noisy, allocator
-  dependent; shown in the table with ``--rss``).
+  hooks. The JSON also has ``rss_fwd_delta``: resident-set growth over that forward (``/proc/self/statm``)
+  after ``malloc_trim(0)``; since freed temporaries stay in the heap it approximates the forward's peak
+  (saved tensors + temporaries such as a rebuilt ΔW), but it is allocator dependent and noisy; shown
+  in the table with ``--rss``.
+
+Each case also prints how much CPU other processes used meanwhile (``/proc/stat``) and warns above
+0.2 cores: on a 2-core machine a concurrent job (a test run) inflates and quantises step times.
 
 Output: per case a table with time and saved-memory ratios to the frozen model (× frozen) for lyco,
 PEFT and lycoris-lora, and lyco's speed-up over PEFT (PEFT time / lyco time, > 1: lyco is faster).
@@ -97,20 +102,20 @@ class Case:
 def default_cases(quick: bool) -> list[Case]:
     if quick:
         return [
-            Case("mlp-1024x2752-t512", "mlp", 1024, 2752, 512, 1, 1.5),
-            Case("mlp-1024x2752-t1", "mlp", 1024, 2752, 1, 1, 0.5),
-            Case("mlp-64x64-t512", "mlp", 64, 64, 512, 2, 0.5),
+            Case("mlp-1024x2752-t128", "mlp", 1024, 2752, 128, 1, 2.0),
+            Case("mlp-1024x2752-t1", "mlp", 1024, 2752, 1, 1, 1.0),
+            Case("mlp-64x64-t512", "mlp", 64, 64, 512, 2, 1.0),
             Case("llama-1L-t256", "llama", 1024, 2752, 256, 1, 3.0),
         ]
     return [
-        Case("mlp-1024x1024-t512", "mlp", 1024, 1024, 512, 2, 8.0),
-        Case("mlp-1024x2752-t512", "mlp", 1024, 2752, 512, 2, 12.0),
-        Case("mlp-1024x2752-t4", "mlp", 1024, 2752, 4, 2, 3.0),
-        Case("mlp-1024x2752-t1", "mlp", 1024, 2752, 1, 2, 3.0),
+        Case("mlp-1024x1024-t512", "mlp", 1024, 1024, 512, 1, 8.0),
+        Case("mlp-1024x2752-t512", "mlp", 1024, 2752, 512, 1, 12.0),
+        Case("mlp-1024x2752-t4", "mlp", 1024, 2752, 4, 1, 3.0),
+        Case("mlp-1024x2752-t1", "mlp", 1024, 2752, 1, 1, 3.0),
         Case("mlp-64x64-t512", "mlp", 64, 64, 512, 2, 2.0),
         Case("mlp-64x64-t1", "mlp", 64, 64, 1, 2, 2.0),
         Case("mlp-16x16-t512", "mlp", 16, 16, 512, 2, 2.0),
-        Case("llama-2L-t512", "llama", 1024, 2752, 512, 2, 40.0),
+        Case("llama-2L-t512", "llama", 1024, 2752, 512, 2, 60.0),
     ]
 
 
@@ -191,7 +196,9 @@ class Impl:
 def make_lyco(base: nn.Module, method: str, targets: list[str], r: int) -> Impl:
     cls = lyco.LoHaConfig if method == "loha" else lyco.LoKrConfig
     model = lyco.get_model(copy.deepcopy(base), cls(r=r, alpha=r, target_modules=targets, init_weights=False))
-    return Impl(f"lyco-{method}", "lyco", method, model, note=f"LYCO_PATH={os.environ.get('LYCO_PATH', 'auto')}")
+    return Impl(
+        f"lyco-{method}", "lyco", method, model, note=f"LYCO_PATH={os.environ.get('LYCO_PATH', 'auto')}"
+    )
 
 
 def make_peft(base: nn.Module, method: str, targets: list[str], r: int) -> Impl:
@@ -238,7 +245,7 @@ def make_lycoris(base: nn.Module, method: str, targets: list[str], r: int, bypas
     with torch.no_grad():
         for p in net.parameters():  # its LoHa zeroes w2_a and its LoKr w2 / w2_b: make the delta non-zero
             if not p.any():
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.1)
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.01)
     modes = {getattr(lora, "bypass_mode", None) for lora in net.loras}
     name = "lycoris-bypass" if bypass else "lycoris"
     return Impl(f"{name}-{method}", name, method, model, [net], note=f"bypass_mode={sorted(map(str, modes))}")
@@ -247,12 +254,51 @@ def make_lycoris(base: nn.Module, method: str, targets: list[str], r: int, bypas
 # ---------------------------------------------------------------------------------------------
 # measurement
 # ---------------------------------------------------------------------------------------------
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc), so RSS growth reflects new allocations."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def rss_bytes() -> int | None:
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
+
+
+class CpuMonitor:
+    """CPU time other processes used while it ran, in cores (from ``/proc/stat`` minus this process)."""
+
+    def __init__(self) -> None:
+        self.start = self._read()
+
+    @staticmethod
+    def _read() -> tuple[float, float, float] | None:
+        try:
+            with open("/proc/stat") as f:
+                vals = [int(v) for v in f.readline().split()[1:]]
+            with open("/proc/self/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            own = int(fields[11]) + int(fields[12])  # utime + stime (all threads)
+        except (OSError, ValueError, IndexError):
+            return None
+        busy = sum(vals[:8]) - vals[3] - vals[4]  # minus idle, iowait
+        return time.perf_counter(), busy, own
+
+    def other_cores(self) -> float | None:
+        end = self._read()
+        if self.start is None or end is None or end[0] <= self.start[0]:
+            return None
+        ticks = os.sysconf("SC_CLK_TCK")
+        return max(
+            0.0, ((end[1] - self.start[1]) - (end[2] - self.start[2])) / ticks / (end[0] - self.start[0])
+        )
 
 
 def step(impl: Impl, call: Callable, x: torch.Tensor, train: bool) -> None:
@@ -290,6 +336,7 @@ def saved_for_backward(impl: Impl, call: Callable, x: torch.Tensor) -> dict[str,
         p.grad = None
     x.grad = None
     gc.collect()
+    _trim_heap()
     rss0 = rss_bytes()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = call(impl.model, x)
@@ -307,13 +354,18 @@ def timed_rounds(
     for impl in impls:
         impl.set_mode(train)
     est = dict.fromkeys((i.name for i in impls), 0.0)
-    for _ in range(args.warmup):
+    done = 0
+    # at least --warmup rounds; short steps get up to 3 (first calls at new shapes are slow)
+    while done < args.warmup or (done < 3 and sum(est.values()) < 0.1):
         for impl in impls:
             t0 = time.perf_counter()
             step(impl, call, x, train)
             est[impl.name] = time.perf_counter() - t0
+        done += 1
     per_round = max(sum(est.values()), 1e-6)
-    rounds = int(min(args.max_repeats, max(args.min_repeats, math.ceil(case.budget_s * args.budget_scale / per_round))))
+    rounds = int(
+        min(args.max_repeats, max(args.min_repeats, math.ceil(case.budget_s * args.budget_scale / per_round)))
+    )
     samples: dict[str, list[float]] = {i.name: [] for i in impls}
     for k in range(rounds):
         order = impls[k % len(impls) :] + impls[: k % len(impls)]
@@ -337,6 +389,7 @@ def sanity(impls: list[Impl], call: Callable, x: torch.Tensor) -> dict[str, floa
 
 
 def run_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
+    monitor = CpuMonitor()
     torch.manual_seed(args.seed)
     base, targets, call = build_base(case)
     base.requires_grad_(False)
@@ -371,6 +424,7 @@ def run_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
         if train:
             entry["memory"] = {i.name: saved_for_backward(i, call, xin) for i in impls}
         result["modes"][mode] = entry
+    result["other_cores"] = monitor.other_cores()
     del impls, base
     gc.collect()
     return result
@@ -389,6 +443,15 @@ def fmt_ratio(v: float | None) -> str:
     return f"{v:.2f}×"
 
 
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "—"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
 def fmt_ms(s: float) -> str:
     ms = s * 1e3
     return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 100 else f"{ms:.0f}"
@@ -403,9 +466,9 @@ def render_case(res: dict[str, Any], args: argparse.Namespace) -> str:
     cols = ["mode", "method", "frozen ms", *(f"{head[i]} t×" for i in impls), "lyco vs PEFT"]
     has_mem = "train" in res["modes"]
     if has_mem:
-        cols += ["frozen MiB", *(f"{head[i]} m×" for i in impls)]
+        cols += ["frozen saved", *(f"{head[i]} m×" for i in impls)]
         if args.rss:
-            cols += ["frozen RSS", *(f"{head[i]} RSS" for i in impls)]
+            cols += ["frozen RSS+", *(f"{head[i]} RSS+" for i in impls)]
     rows = []
     for mode, entry in res["modes"].items():
         med = entry["median_s"]
@@ -418,24 +481,42 @@ def render_case(res: dict[str, Any], args: argparse.Namespace) -> str:
                 if mode == "train":
                     mem = entry["memory"]
                     fb = mem["frozen"]["saved_bytes"]
-                    row.append(f"{fb / 2**20:.3f}" if fb < 2**20 else f"{fb / 2**20:.1f}")
-                    row += [fmt_ratio(mem[f"{i}-{method}"]["saved_bytes"] / fb if fb else None) for i in impls]
+                    row.append(fmt_bytes(fb))
+                    row += [
+                        fmt_ratio(mem[f"{i}-{method}"]["saved_bytes"] / fb if fb else None) for i in impls
+                    ]
                     if args.rss:
-                        def mib(v: int | None) -> str:
-                            return "—" if v is None else f"{v / 2**20:.1f}"
-
-                        row.append(mib(mem["frozen"]["rss_fwd_delta"]))
-                        row += [mib(mem[f"{i}-{method}"]["rss_fwd_delta"]) for i in impls]
+                        row.append(fmt_bytes(mem["frozen"]["rss_fwd_delta"]))
+                        row += [fmt_bytes(mem[f"{i}-{method}"]["rss_fwd_delta"]) for i in impls]
                 else:
                     row += [""] * (len(cols) - len(row))
             rows.append(row)
     widths = [max(len(c), *(len(r[k]) for r in rows)) for k, c in enumerate(cols)]
-    fmt_row = lambda r: "  ".join(v.rjust(w) if k > 1 else v.ljust(w) for k, (v, w) in enumerate(zip(r, widths, strict=True)))  # noqa: E731
+
+    def fmt_row(r: list[str]) -> str:
+        return "  ".join(
+            v.rjust(w) if k > 1 else v.ljust(w) for k, (v, w) in enumerate(zip(r, widths, strict=True))
+        )
+
     lines.append(fmt_row(cols))
     lines.extend(fmt_row(r) for r in rows)
     bad = [n for n, v in res["sanity_rel_change"].items() if not v > args.sanity_tol]
     changes = ", ".join(f"{n} {v:.2g}" for n, v in res["sanity_rel_change"].items())
-    lines.append(f"sanity (rel. output change vs frozen): {changes}" + (f"  !! NO CHANGE: {bad}" if bad else ""))
+    lines.append(
+        f"sanity (rel. output change vs frozen): {changes}" + (f"  !! NO CHANGE: {bad}" if bad else "")
+    )
+    counts = res["trainable_params"]
+    per_method = {m: sorted({v for n, v in counts.items() if n.endswith(f"-{m}")}) for m in args.methods}
+    lines.append(
+        "trainable params: " + ", ".join(f"{m} {'/'.join(map(str, v))}" for m, v in per_method.items())
+    )
+    if any(len(v) != 1 or 0 in v for v in per_method.values()):
+        lines.append(f"!! trainable parameter counts differ between implementations: {counts}")
+    other = res.get("other_cores")
+    if other is not None and other > 0.2:
+        lines.append(
+            f"!! other processes used {other:.2f} cores on average during this case: timings are disturbed"
+        )
     return "\n".join(lines)
 
 
@@ -472,11 +553,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--r", type=int, default=8, help="rank (alpha = r)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 2, --quick 1)")
-    ap.add_argument("--min-repeats", type=int, default=None, help="timed rounds at least (default 5, --quick 3)")
-    ap.add_argument("--max-repeats", type=int, default=None, help="timed rounds at most (default 50, --quick 20)")
+    ap.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed rounds at least (default 1; rounds under 0.1 s: up to 3)",
+    )
+    ap.add_argument(
+        "--min-repeats", type=int, default=None, help="timed rounds at least (default 5, --quick 3)"
+    )
+    ap.add_argument(
+        "--max-repeats", type=int, default=None, help="timed rounds at most (default 50, --quick 20)"
+    )
     ap.add_argument("--budget-scale", type=float, default=1.0, help="multiply every case's time budget")
-    ap.add_argument("--lycoris-bypass", action="store_true", help="also time lycoris-lora with bypass_mode=True")
+    ap.add_argument(
+        "--lycoris-bypass", action="store_true", help="also time lycoris-lora with bypass_mode=True"
+    )
     ap.add_argument("--rss", action="store_true", help="show RSS growth over the training forward (MiB)")
     ap.add_argument("--sanity-tol", type=float, default=1e-4, help="min relative output change per adapter")
     ap.add_argument("--json", metavar="PATH", help="write raw results (all samples) as JSON")
@@ -485,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not set(args.methods) <= set(METHODS) or not set(args.modes) <= {"train", "infer"} or not args.methods:
         ap.error("--methods must be from loha,lokr and --modes from train,infer")
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    args.warmup = args.warmup if args.warmup is not None else 1
     args.min_repeats = args.min_repeats if args.min_repeats is not None else (3 if args.quick else 5)
     args.max_repeats = args.max_repeats if args.max_repeats is not None else (20 if args.quick else 50)
     torch.set_num_threads(args.threads)
@@ -514,7 +606,10 @@ def main(argv: list[str] | None = None) -> int:
         results.append(res)
         n_bad += sum(1 for v in res["sanity_rel_change"].values() if not v > args.sanity_tol)
         print()
-        print(render_case(res, args) + f"\n({res['wall_s']:.1f} s)", flush=True)
+        other = "?" if res["other_cores"] is None else f"{res['other_cores']:.2f}"
+        print(
+            render_case(res, args) + f"\n({res['wall_s']:.1f} s; other processes: {other} cores)", flush=True
+        )
     total = time.perf_counter() - start
     print(f"\ntotal {total:.1f} s")
     if args.json:

@@ -64,11 +64,12 @@ class LoHaAdapter(Adapter):
         delta = hada_delta(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b)
         return delta.reshape(self.plan.weight_shape)
 
-    def path_costs(self, n_rows: int) -> tuple[float, float]:
+    def path_costs(self, n_rows: int, device_type: str = "cpu") -> tuple[float, float]:
         """Multiply-adds ``(dense, factored)`` for ``n_rows`` input rows of a linear-like layer.
 
         Dense builds ``ΔW`` (``2·r·o·i + o·i``) and applies it (``n·o·i``); factored builds the Khatri-Rao
-        factors (``r²·(o + i)``) and applies them (``n·r²·(o + i)``).
+        factors (``r²·(o + i)``) and applies them (``n·r²·(o + i)``). Both run about as many kernels, so
+        ``device_type`` does not matter here.
         """
         o, i, r2 = self.plan.out_features, self.plan.in_features, self.r * self.r
         return (2 * self.r + 1 + n_rows) * o * i, (1 + n_rows) * r2 * (o + i)

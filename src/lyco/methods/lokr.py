@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..ops.factorize import plan_lokr
 from ..ops.kron import kron_apply, kron_apply_cost, make_kron
-from ..ops.paths import choose_path
+from ..ops.paths import choose_path, op_overhead
 from ..ops.tucker import cp_rebuild
 from .base import Adapter, AdapterConfig, register_method
 
@@ -93,21 +93,26 @@ class LoKrAdapter(Adapter):
     def delta_weight(self) -> torch.Tensor:
         return make_kron(self.w1(), self.w2())
 
-    def path_costs(self, n_rows: int) -> tuple[float, float]:
-        """Multiply-adds ``(dense, factored)`` for ``n_rows`` input rows of a linear-like layer."""
+    # The factored path runs three more kernels than the dense one (two transposed copies, one matmul).
+    FACTORED_EXTRA_OPS = 3
+
+    def path_costs(self, n_rows: int, device_type: str = "cpu") -> tuple[float, float]:
+        """Cost ``(dense, factored)`` in multiply-adds for ``n_rows`` input rows of a linear-like layer,
+        the factored side including its extra kernel calls (:func:`lyco.ops.paths.op_overhead`)."""
         p = self.plan
         o, i = p.out_features, p.in_features
         w1_build = 0 if p.use_w1 else p.out_l * p.in_l * p.r
         w2_build = 0 if p.use_w2 else p.out_r * p.in_r * p.r
         rank = None if p.use_w2 else p.r
         factored = w1_build + n_rows * kron_apply_cost(p.out_l, p.in_l, p.out_r, p.in_r, rank)
+        factored += self.FACTORED_EXTRA_OPS * op_overhead(device_type)
         return w1_build + w2_build + o * i + n_rows * o * i, factored
 
     def forward_delta(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         p = self.plan
         if self.spec.kind != "conv":
             n_rows = x.numel() // max(p.in_features, 1)
-            if choose_path(*self.path_costs(n_rows), self.path) == "factored":
+            if choose_path(*self.path_costs(n_rows, x.device.type), self.path) == "factored":
                 w1 = self.w1().to(x.dtype)
                 if p.use_w2:
                     return kron_apply(x, w1, self.lokr_w2.to(x.dtype))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .paths import ELEMENT_COST
+
 
 def make_kron(lokr_w1: torch.Tensor, lokr_w2: torch.Tensor) -> torch.Tensor:
     """``ΔW = kron(w1, w2)`` laid out as a layer weight (unscaled).
@@ -71,8 +73,8 @@ def _right_first(out_l: int, in_l: int, out_r: int, in_r: int, rank: int | None)
 
 def kron_apply_cost(out_l: int, in_l: int, out_r: int, in_r: int, rank: int | None = None) -> int:
     """Work of :func:`kron_apply` per input row (``rank``: ``w2`` low-rank, else full): multiply-adds plus
-    the elements its two transposed copies move (counted one each)."""
+    the elements its two transposed copies move, each worth :data:`lyco.ops.paths.ELEMENT_COST`."""
     w2 = _w2_cost(out_r, in_r, rank)
     if _right_first(out_l, in_l, out_r, in_r, rank):
-        return in_l * w2 + out_l * in_l * out_r + in_l * out_r + out_l * out_r
-    return out_l * in_l * in_r + out_l * w2 + in_l * in_r + out_l * in_r
+        return in_l * w2 + out_l * in_l * out_r + ELEMENT_COST * (in_l * out_r + out_l * out_r)
+    return out_l * in_l * in_r + out_l * w2 + ELEMENT_COST * (in_l * in_r + out_l * in_r)

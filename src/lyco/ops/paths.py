@@ -12,6 +12,21 @@ from ..errors import ConfigError
 
 PATHS = ("auto", "dense", "factored")
 
+# Fixed cost of one extra kernel call, in multiply-adds of useful work it could have done instead.
+# CPU: ~10 µs of dispatch and small-tensor overhead at ~25 GFLOP/s per core (benchmarks/compare.py: a
+# LoKr factored path on 64-wide layers lost to the dense one by 1.3-1.6× before this term).
+# CUDA: ~5 µs launch latency at tens of TFLOP/s.
+OP_OVERHEAD = {"cpu": 250_000, "cuda": 50_000_000}
+
+# Multiply-adds worth of one element moved by a copy (read + write at memory speed; thin matmuls and
+# copies are bandwidth-bound). Without it, 64-wide LoKr layers took the factored path and lost.
+ELEMENT_COST = 16
+
+
+def op_overhead(device_type: str) -> int:
+    """Multiply-add equivalent of one extra kernel call on this device type."""
+    return OP_OVERHEAD.get(device_type, OP_OVERHEAD["cuda"])
+
 
 def forced_path() -> str:
     """The path forced by ``LYCO_PATH`` (``"auto"`` when unset)."""
