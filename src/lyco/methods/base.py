@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import ConfigError, MergeError, StateError, UnsupportedLayerError
 from ..ops.layerops import SUPPORTED_LAYERS, LayerSpec, apply_weight, from_canonical, layer_spec
+from ..ops.paths import choose_path
 
 META = torch.device("meta")
 
@@ -183,8 +184,22 @@ class Adapter(nn.Module, ABC):
     def delta_weight(self) -> torch.Tensor:
         """Unscaled ``ΔW`` with shape ``spec.weight_shape``."""
 
+    def path_costs(self, n_rows: int, device_type: str = "cpu") -> tuple[float, float] | None:
+        """Cost ``(dense, factored)`` of one call on ``n_rows`` rows of a linear-like layer, or ``None`` when
+        the method has no factored path (see :mod:`lyco.ops.paths`)."""
+        return None
+
+    def factored_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """Unscaled ``ΔW · x`` for ``x (..., in)`` without building ``ΔW`` (when ``path_costs`` is not None)."""
+        raise NotImplementedError
+
     def forward_delta(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        """Unscaled ``ΔW · x`` computed the way ``base_layer`` applies its weight. Override for speed."""
+        """Unscaled ``ΔW · x`` the way ``base_layer`` applies its weight: factored for linear-like layers when
+        cheaper (or forced by ``LYCO_PATH`` / ``self.path``), else dense."""
+        if self.spec.kind != "conv":
+            costs = self.path_costs(x.numel() // max(self.spec.in_features, 1), x.device.type)
+            if costs is not None and choose_path(*costs, self.path) == "factored":
+                return self.factored_delta(x)
         return apply_weight(base_layer, self.spec, x, self.delta_weight().to(x.dtype))
 
     @classmethod

@@ -15,7 +15,6 @@ from torch import nn
 
 from ..ops.factorize import plan_loha
 from ..ops.hadamard import hada_apply, hada_delta, hada_delta_cp
-from ..ops.paths import choose_path
 from .base import Adapter, AdapterConfig, register_method
 
 
@@ -64,20 +63,18 @@ class LoHaAdapter(Adapter):
         delta = hada_delta(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b)
         return delta.reshape(self.plan.weight_shape)
 
-    def path_costs(self, n_rows: int, device_type: str = "cpu") -> tuple[float, float]:
+    def path_costs(self, n_rows: int, device_type: str = "cpu") -> tuple[float, float] | None:
         """Multiply-adds ``(dense, factored)`` for ``n_rows`` input rows of a linear-like layer.
 
         Dense builds ``ΔW`` (``2·r·o·i + o·i``) and applies it (``n·o·i``); factored builds the Khatri-Rao
         factors (``r²·(o + i)``) and applies them (``n·r²·(o + i)``). Both run about as many kernels, so
         ``device_type`` does not matter here.
         """
+        if self.plan.use_cp:
+            return None
         o, i, r2 = self.plan.out_features, self.plan.in_features, self.r * self.r
         return (2 * self.r + 1 + n_rows) * o * i, (1 + n_rows) * r2 * (o + i)
 
-    def forward_delta(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        if self.spec.kind != "conv" and not self.plan.use_cp:
-            n_rows = x.numel() // max(self.plan.in_features, 1)
-            if choose_path(*self.path_costs(n_rows), self.path) == "factored":
-                ws = (self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b)
-                return hada_apply(x, *(w.to(x.dtype) for w in ws))
-        return super().forward_delta(x, base_layer)
+    def factored_delta(self, x: torch.Tensor) -> torch.Tensor:
+        ws = (self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b)
+        return hada_apply(x, *(w.to(x.dtype) for w in ws))

@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..ops.factorize import plan_lokr
 from ..ops.kron import kron_apply, kron_apply_cost, make_kron
-from ..ops.paths import choose_path, op_overhead
+from ..ops.paths import op_overhead
 from ..ops.tucker import cp_rebuild
 from .base import Adapter, AdapterConfig, register_method
 
@@ -108,13 +108,8 @@ class LoKrAdapter(Adapter):
         factored += self.FACTORED_EXTRA_OPS * op_overhead(device_type)
         return w1_build + w2_build + o * i + n_rows * o * i, factored
 
-    def forward_delta(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        p = self.plan
-        if self.spec.kind != "conv":
-            n_rows = x.numel() // max(p.in_features, 1)
-            if choose_path(*self.path_costs(n_rows, x.device.type), self.path) == "factored":
-                w1 = self.w1().to(x.dtype)
-                if p.use_w2:
-                    return kron_apply(x, w1, self.lokr_w2.to(x.dtype))
-                return kron_apply(x, w1, None, self.lokr_w2_a.to(x.dtype), self.lokr_w2_b.to(x.dtype))
-        return super().forward_delta(x, base_layer)
+    def factored_delta(self, x: torch.Tensor) -> torch.Tensor:
+        w1 = self.w1().to(x.dtype)
+        if self.plan.use_w2:
+            return kron_apply(x, w1, self.lokr_w2.to(x.dtype))
+        return kron_apply(x, w1, None, self.lokr_w2_a.to(x.dtype), self.lokr_w2_b.to(x.dtype))
