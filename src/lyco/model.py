@@ -11,7 +11,7 @@ import contextlib
 import copy
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -109,8 +109,19 @@ class LycoModel(nn.Module):
         return self._active[0]
 
     # -- adding / removing -------------------------------------------------------------------
-    def add_adapter(self, adapter_name: str, config: AdapterConfig, *, low_cpu_mem_usage: bool = False) -> None:
-        """Add a new (inactive unless first) adapter; validates everything before touching the model."""
+    def add_adapter(
+        self,
+        adapter_name: str,
+        config: AdapterConfig,
+        *,
+        low_cpu_mem_usage: bool = False,
+        plans: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Add a new (inactive unless first) adapter; validates everything before touching the model.
+
+        ``plans``: per module name, a shape plan (``LoKrPlan`` / ``LoHaPlan``, e.g. inferred from a file's
+        tensors) used instead of planning from ``config``; its ``r`` overrides ``rank_pattern``.
+        """
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
             raise AdapterNameError(f"adapter name must be a non-empty string without '.', got {adapter_name!r}")
         if adapter_name in self.peft_config:
@@ -138,10 +149,12 @@ class LycoModel(nn.Module):
                 )
             weight = base.weight
             device = META if low_cpu_mem_usage else weight.device
-            r = pattern_value(config.rank_pattern, name, config.r)
+            plan = (plans or {}).get(name)
+            r = plan.r if plan is not None else pattern_value(config.rank_pattern, name, config.r)
             alpha = pattern_value(config.alpha_pattern, name, config.alpha)
             adapter = adapter_cls(
-                spec, r, alpha, config, device=device, dtype=_adapter_dtype(weight, self.autocast_adapter_dtype)
+                spec, r, alpha, config, device=device, dtype=_adapter_dtype(weight, self.autocast_adapter_dtype),
+                plan=plan,
             )
             created.append((name, module, adapter))
         to_save = check_modules_to_save(self.model, config.modules_to_save, skip)

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..errors import ConfigError, MergeError, StateError, UnsupportedLayerError
+from ..errors import ConfigError, MergeError, ShapeMismatchError, StateError, UnsupportedLayerError
 from ..ops.layerops import SUPPORTED_LAYERS, LayerSpec, apply_weight, from_canonical, layer_spec
 from ..ops.paths import choose_path
 
@@ -152,11 +152,17 @@ class Adapter(nn.Module, ABC):
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        plan: Any = None,
     ) -> None:
         super().__init__()
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise ConfigError(f"{type(self).__name__}: rank r must be a positive integer, got {r!r}")
+        if plan is not None and tuple(plan.weight_shape) != spec.weight_shape:
+            raise ShapeMismatchError(
+                f"{type(self).__name__}: plan for weight {tuple(plan.weight_shape)} given for a layer of {spec.weight_shape}"
+            )
         self.spec = spec
+        self.plan = plan
         self.r = r
         self.alpha = float(alpha)
         self.scaling = self.default_scaling()
@@ -174,7 +180,8 @@ class Adapter(nn.Module, ABC):
     # -- to implement per method -------------------------------------------------------------
     @abstractmethod
     def create_parameters(self, config: AdapterConfig, *, device: torch.device, dtype: torch.dtype | None) -> None:
-        """Register the parameters for ``self.spec`` (use :meth:`add_param`)."""
+        """Register the parameters for ``self.spec`` (use :meth:`add_param`). ``self.plan`` is a shape plan
+        given by the caller (e.g. inferred from a file), or ``None``: then compute it from ``config``."""
 
     @abstractmethod
     def reset_parameters(self, init_weights: bool | str) -> None:

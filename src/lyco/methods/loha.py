@@ -45,7 +45,8 @@ class LoHaAdapter(Adapter):
 
     def create_parameters(self, config: LoHaConfig, *, device, dtype) -> None:
         s = self.spec
-        self.plan = plan_loha(s.out_features, s.in_features, s.kernel, self.r, config.use_effective_conv2d)
+        if self.plan is None:
+            self.plan = plan_loha(s.out_features, s.in_features, s.kernel, self.r, config.use_effective_conv2d)
         for name, shape in self.plan.param_shapes().items():
             self.add_param(name, shape, device, dtype)
 

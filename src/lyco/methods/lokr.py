@@ -61,10 +61,11 @@ class LoKrAdapter(Adapter):
 
     def create_parameters(self, config: LoKrConfig, *, device, dtype) -> None:
         s = self.spec
-        self.plan = plan_lokr(
-            s.out_features, s.in_features, s.kernel, self.r,
-            config.decompose_factor, config.decompose_both, config.use_effective_conv2d,
-        )  # fmt: skip
+        if self.plan is None:
+            self.plan = plan_lokr(
+                s.out_features, s.in_features, s.kernel, self.r,
+                config.decompose_factor, config.decompose_both, config.use_effective_conv2d,
+            )  # fmt: skip
         for name, shape in self.plan.param_shapes().items():
             self.add_param(name, shape, device, dtype)
 
