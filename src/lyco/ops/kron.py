@@ -24,6 +24,52 @@ def make_kron(lokr_w1: torch.Tensor, lokr_w2: torch.Tensor) -> torch.Tensor:
     return prod.reshape(a * b, c * d, *k)
 
 
+def _apply_w2(t: torch.Tensor, w2: torch.Tensor | None, w2_a: torch.Tensor | None, w2_b: torch.Tensor | None):
+    """``t (..., in_r) → (..., out_r)``: ``t @ w2ᵀ``, thin when ``w2 = w2_a @ w2_b``."""
+    return F.linear(t, w2) if w2 is not None else F.linear(F.linear(t, w2_b), w2_a)
+
+
+def _apply_w2_t(t: torch.Tensor, w2: torch.Tensor | None, w2_a: torch.Tensor | None, w2_b: torch.Tensor | None):
+    """``t (..., out_r) → (..., in_r)``: ``t @ w2``."""
+    return t @ w2 if w2 is not None else (t @ w2_a) @ w2_b
+
+
+def _left(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``w (p, q)`` on the second-to-last dim: ``t (m, q, k) → (m, p, k)``, one folded matmul.
+
+    F.linear on a contiguous transposed copy: on a strided view, matmul's folding depends on
+    ``requires_grad``, so a trainable and a frozen copy of one adapter would round differently.
+    """
+    return F.linear(t.mT.contiguous(), w).mT.contiguous()
+
+
+class _KronApply(torch.autograd.Function):
+    """``y = vec(w1 X w2ᵀ)`` per row; saves only ``x`` and the factors (no ``(rows, ·)`` intermediates),
+    recomputing in backward: ``∂X = w1ᵀ G w2``, ``∂w1 = Σ G w2 Xᵀ``, ``∂w2 = Σ Gᵀ w1 X``."""
+
+    @staticmethod
+    def forward(ctx, xs, w1, w2, w2_a, w2_b, right_first):  # type: ignore[override]
+        ctx.save_for_backward(xs, w1, w2, w2_a, w2_b)
+        if right_first:
+            return _left(_apply_w2(xs, w2, w2_a, w2_b), w1)
+        return _apply_w2(_left(xs, w1), w2, w2_a, w2_b)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        xs, w1, w2, w2_a, w2_b = ctx.saved_tensors
+        gw2 = _apply_w2_t(g, w2, w2_a, w2_b)  # (m, out_l, in_r) = G w2
+        grad_x = _left(gw2, w1.mT) if ctx.needs_input_grad[0] else None
+        grad_w1 = torch.einsum("mai,mci->ac", gw2, xs) if ctx.needs_input_grad[1] else None
+        grad_w2 = grad_a = grad_b = None
+        if any(ctx.needs_input_grad[2:5]):
+            full = torch.einsum("mab,mai->bi", g, _left(xs, w1))  # Σ Gᵀ w1 X  (out_r, in_r)
+            if w2 is not None:
+                grad_w2 = full
+            else:
+                grad_a, grad_b = full @ w2_b.mT, w2_a.mT @ full
+        return grad_x, grad_w1, grad_w2, grad_a, grad_b, None
+
+
 def kron_apply(
     x: torch.Tensor,
     lokr_w1: torch.Tensor,
@@ -35,30 +81,17 @@ def kron_apply(
 
     ``kron(w1, w2)·vec(X) = vec(w1 X w2ᵀ)`` with ``X (in_l, in_r)`` per row. ``w1 (out_l, in_l)``; ``w2 (out_r,
     in_r)`` full or as ``w2_a (out_r, r) @ w2_b (r, in_r)`` (applied as two thin products). The side
-    with fewer multiply-adds goes first.
+    with fewer multiply-adds goes first. Backward saves ``x`` and the factors only.
     """
     out_l, in_l = lokr_w1.shape
     low_rank = lokr_w2 is None
     in_r = lokr_w2_b.shape[1] if low_rank else lokr_w2.shape[1]
     out_r = lokr_w2_a.shape[0] if low_rank else lokr_w2.shape[0]
-
-    def right(t: torch.Tensor) -> torch.Tensor:  # (..., k, in_r) -> (..., k, out_r)
-        if low_rank:
-            return F.linear(F.linear(t, lokr_w2_b), lokr_w2_a)
-        return F.linear(t, lokr_w2)
-
-    lead = x.shape[:-1]
-    xs = x.reshape(*lead, in_l, in_r)
     rank = lokr_w2_a.shape[1] if low_rank else None
-    # w1 acts on the second-to-last dim: F.linear on a contiguous transposed copy folds every leading dim
-    # into one matmul. (On a strided view, matmul's folding depends on requires_grad, so a trainable and a
-    # frozen copy of the same adapter would round differently.)
-    if _right_first(out_l, in_l, out_r, in_r, rank):
-        y = right(xs)  # (..., in_l, out_r)
-        y = F.linear(y.mT.contiguous(), lokr_w1).mT  # (..., out_l, out_r)
-    else:
-        y = F.linear(xs.mT.contiguous(), lokr_w1).mT.contiguous()  # (..., out_l, in_r)
-        y = right(y)  # (..., out_l, out_r)
+    lead = x.shape[:-1]
+    xs = x.reshape(-1, in_l, in_r)
+    right_first = _right_first(out_l, in_l, out_r, in_r, rank)
+    y = _KronApply.apply(xs, lokr_w1, lokr_w2, lokr_w2_a, lokr_w2_b, right_first)
     return y.reshape(*lead, out_l * out_r)
 
 
