@@ -34,12 +34,13 @@ def hada_delta(
 
 
 def _cp_grads(grad: torch.Tensor, t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor):
-    """Gradients of ``cp_rebuild(t, wa, wb)`` for an upstream ``grad (o, i, *k)``."""
-    g_t = torch.einsum("pq...,ip,jq->ij...", grad, wa, wb)
+    """Gradients of ``cp_rebuild(t, wa, wb)`` for an upstream ``grad (o, i, *k)``: two contractions over the
+    full ``(o, i, *k)`` tensor (``grad·wa`` and ``grad·(t·wb)``), the rest on ``r``-sized tensors."""
+    ga = torch.einsum("pq...,ip->iq...", grad, wa)  # (r, i, *k)
+    g_t = torch.einsum("iq...,jq->ij...", ga, wb)
+    g_wb = torch.einsum("iq...,ij...->jq", ga, t)
     tb = torch.einsum("ij...,jq->iq...", t, wb)  # (r, i, *k)
     g_wa = torch.einsum("pq...,iq...->ip", grad, tb)
-    ta = torch.einsum("ij...,ip->pj...", t, wa)  # (o, r, *k)
-    g_wb = torch.einsum("pq...,pj...->jq", grad, ta)
     return g_t, g_wa, g_wb
 
 
