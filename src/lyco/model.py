@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 import warnings
 from collections.abc import Iterator, Mapping
@@ -21,6 +22,7 @@ from .errors import AdapterNameError, MergeError, UnsupportedLayerError
 from .methods.base import META, AdaptedLayer, AdapterConfig, adapter_class_for
 from .modules_to_save import ModulesToSaveWrapper
 from .ops.layerops import SUPPORTED_LAYERS, layer_spec
+from .sharding import check_unsharded, full_weights, is_sharded
 from .targeting import check_modules_to_save, default_target_modules, find_targets, pattern_value
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -70,6 +72,10 @@ class LycoModel(nn.Module):
         self.autocast_adapter_dtype = autocast_adapter_dtype
         self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
         self.set_adapter(adapter_name)
+        # `inspect.signature(model.forward)` shows the base model's arguments: transformers' Trainer keeps
+        # only the batch keys named there. The call itself still runs LycoModel.forward.
+        if callable(getattr(model, "forward", None)):
+            self.forward = functools.update_wrapper(functools.partial(type(self).forward, self), model.forward)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -81,6 +87,10 @@ class LycoModel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model (adapted in place; ``unload()`` returns it without adapters)."""
+        return self.model
 
     # -- iteration ---------------------------------------------------------------------------
     def adapted_layers(self) -> Iterator[tuple[str, AdaptedLayer]]:
@@ -267,6 +277,7 @@ class LycoModel(nn.Module):
         NaN/Inf first and raises :class:`MergeError` with the model unchanged."""
         names = list(self._active) if adapter_names is None else list(adapter_names)
         self._check_known(names)
+        check_unsharded(self, "merge adapters into")
         layers = list(self.adapted_layers())
         already = sorted({n for _, layer in layers for n in layer.merged_adapters if n in names})
         if already:
@@ -280,6 +291,8 @@ class LycoModel(nn.Module):
     def unmerge_adapter(self) -> None:
         """Subtract all merged adapters from the base weights."""
         layers = [layer for _, layer in self.adapted_layers() if layer.merged]
+        if layers:
+            check_unsharded(self, "unmerge adapters from")
         if not layers:
             warnings.warn("no adapter is merged; nothing to unmerge", stacklevel=2)
         for layer in layers:
@@ -303,6 +316,7 @@ class LycoModel(nn.Module):
         """Merge adapters (default: active; those already merged stay) and return the plain base model."""
         names = list(self._active) if adapter_names is None else list(adapter_names)
         self._check_known(names)
+        check_unsharded(self, "merge_and_unload")
         todo = [n for n in names if not any(n in layer.merged_adapters for _, layer in self.adapted_layers())]
         if todo:
             self.merge_adapter(todo, safe_merge=safe_merge)
@@ -340,15 +354,37 @@ class LycoModel(nn.Module):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / max(total, 1):.4f}")
 
     # -- files (PEFT directory layout) -----------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        selected_adapters: list[str] | None = None,
+        is_main_process: bool | None = None,
+    ) -> None:
         """Write each adapter as PEFT does: ``adapter_config.json`` + ``adapter_model.safetensors``;
-        the adapter named ``default`` at the top, others in sub-folders named after them."""
+        the adapter named ``default`` at the top, others in sub-folders named after them.
+
+        FSDP2-sharded model (``fully_shard``): call it on every rank; the adapter weights are gathered and
+        ``is_main_process`` (default: rank 0) writes the full, unsharded files; every rank returns once
+        they exist. Unsharded model: writes unless ``is_main_process=False``.
+        """
         from .formats.peft import save_peft_dir
 
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         self._check_known(names)
-        for name in names:
-            save_peft_dir(self, name, save_directory)
+        if not is_sharded(self):
+            if is_main_process is not False:
+                for name in names:
+                    save_peft_dir(self, name, save_directory)
+            return
+        import torch.distributed as dist
+
+        modules = [layer.lyco_adapters[n] for _, layer in self.adapted_layers() for n in names if n in layer.lyco_adapters]
+        modules += [w.modules_to_save[n] for _, w in self._wrappers() for n in names if n in w.modules_to_save]
+        with full_weights(self, modules):
+            if is_main_process if is_main_process is not None else dist.get_rank() == 0:
+                for name in names:
+                    save_peft_dir(self, name, save_directory)
+        dist.barrier()
 
     def load_adapter(
         self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **kwargs: Any

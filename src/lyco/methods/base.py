@@ -313,10 +313,13 @@ class AdaptedLayer(nn.Module):
         for name in self.active_adapters:
             if name in self.merged_adapters or name not in self.lyco_adapters:
                 continue
-            adapter = self.lyco_adapters[name]
-            if self.training and adapter.module_dropout > 0 and float(torch.rand(1)) <= adapter.module_dropout:
-                continue
-            result = result + self.delta_activations(name, x).to(result.dtype)
+            delta = self.delta_activations(name, x)
+            p = self.lyco_adapters[name].module_dropout
+            if self.training and p > 0:
+                # A 0/1 tensor factor instead of a Python branch: no host sync, no torch.compile graph
+                # break, and every parameter stays in the graph (DDP needs no find_unused_parameters).
+                delta = delta * (torch.rand(1, device=delta.device) > p)
+            result = result + delta.to(result.dtype)
         return result
 
     def delta_activations(self, name: str, x: torch.Tensor) -> torch.Tensor:

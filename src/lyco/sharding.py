@@ -1,0 +1,77 @@
+"""Models sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``): detection and gathering.
+
+Between forward passes the parameters of a ``fully_shard``-ed module are ``DTensor`` shards (each rank
+holds a slice); inside a forward, or after one on the root module, they are temporary unsharded copies
+whose changes are not written back to the shards. So lyco
+
+- gathers adapter weights for :meth:`LycoModel.save_pretrained` (a collective: every rank must call it;
+  rank 0 writes), and
+- refuses to merge/unmerge into sharded base weights (:func:`check_unsharded`): merge on an unsharded
+  copy instead (save, then ``LycoModel.from_pretrained(base, dir).merge_and_unload()``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .errors import MergeError
+
+try:  # torch >= 2.5 (DTensor public), >= 2.6 (FSDPModule public)
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - older torch or no distributed build: nothing can be sharded
+    FSDPModule = DTensor = None  # type: ignore[assignment,misc]
+
+
+def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    """Every submodule (``model`` included) that ``fully_shard`` was applied to."""
+    if FSDPModule is None:
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` is (partly) sharded by FSDP2 or holds ``DTensor`` parameters."""
+    if DTensor is None:
+        return False
+    return bool(fsdp_modules(model)) or any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def check_unsharded(model: nn.Module, action: str) -> None:
+    """Raise :class:`MergeError` if ``model`` is sharded: ``action`` would only change one rank's shard
+    (or a temporary unsharded copy that FSDP throws away)."""
+    if is_sharded(model):
+        raise MergeError(
+            f"cannot {action} a model sharded with FSDP2 (fully_shard): each rank holds only a shard of the "
+            "base weights. Gather first: call model.save_pretrained(dir) on every rank (rank 0 writes the "
+            "full adapter), then on one process load it into an unsharded base model and merge there: "
+            "lyco.LycoModel.from_pretrained(base_model, dir).merge_and_unload()"
+        )
+
+
+@contextlib.contextmanager
+def full_weights(model: nn.Module, modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Collective (every rank, same ``modules`` order): inside the context the ``DTensor`` parameters and
+    buffers of ``modules`` are replaced by their full (all-gathered) tensors; restored on exit.
+
+    The FSDP2 modules of ``model`` are resharded first, so every parameter is its sharded ``DTensor``.
+    """
+    for m in fsdp_modules(model):
+        m.reshard()
+    swapped: list[tuple[dict[str, torch.Tensor | None], str, torch.Tensor]] = []
+    try:
+        for module in modules:
+            for table in (module._parameters, module._buffers):
+                for name, t in list(table.items()):
+                    if DTensor is not None and isinstance(t, DTensor):
+                        full = t.full_tensor().detach()
+                        table[name] = nn.Parameter(full, requires_grad=False) if isinstance(t, nn.Parameter) else full
+                        swapped.append((table, name, t))
+        yield
+    finally:
+        for table, name, t in reversed(swapped):
+            table[name] = t
