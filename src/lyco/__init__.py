@@ -11,6 +11,7 @@ from .errors import (
     TargetError,
     UnsupportedLayerError,
 )
+from .formats.lycoris import load_lycoris, load_lycoris_into, save_lycoris
 from .methods import AdaptedLayer, Adapter, AdapterConfig, LoHaConfig, LoKrConfig, register_method
 from .model import LycoModel, get_model
 from .modules_to_save import ModulesToSaveWrapper
@@ -21,5 +22,6 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaptedLayer", "Adapter", "AdapterConfig", "AdapterNameError", "ConfigError", "FormatError", "LoHaConfig",
     "LoKrConfig", "LycoError", "LycoModel", "MergeError", "ModulesToSaveWrapper", "ShapeMismatchError", "StateError",
-    "TargetError", "UnsupportedLayerError", "__version__", "factorization", "get_model", "register_method",
+    "TargetError", "UnsupportedLayerError", "__version__", "factorization", "get_model", "load_lycoris",
+    "load_lycoris_into", "register_method", "save_lycoris",
 ]  # fmt: skip

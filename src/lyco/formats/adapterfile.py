@@ -59,9 +59,15 @@ class ModuleAdapter:
         return self.algo == "lokr" and self.rank is None
 
     def scale(self) -> float:
-        """The one documented rule: ``alpha / r``; ``alpha`` missing → 1; LoKr with both factors full → 1."""
+        """The one documented rule: ``alpha / r`` with ``r`` the rank of the factored parts.
+
+        ``alpha`` missing (or 0, as lycoris-lora and kohya read it) means ``alpha = r`` → 1; a LoKr with
+        both factors full has no rank and scale 1 whatever alpha says (lycoris-lora, kohya, ComfyUI).
+        PEFT instead always applies ``alpha / r``; the PEFT reader/writer fold the difference into
+        ``lokr_w1`` so that ``delta_weight()`` is the same in every format.
+        """
         r = self.rank
-        if r is None or self.alpha is None:
+        if r is None or not self.alpha:
             return 1.0
         return float(self.alpha) / r
 
@@ -102,14 +108,19 @@ class AdapterFile:
     ``down_blocks.0.attentions.0.proj_in``), plus what the file said about itself.
 
     ``convention``: where the keys came from (``"peft"``, ``"lycoris"``, ``"kohya"``, ``"onetrainer"``,
-    ``"ai-toolkit"``, ``"diffusers"``); ``metadata``: safetensors metadata (``ss_*``); ``config``: a PEFT
-    ``adapter_config.json`` object when there was one.
+    ``"ai-toolkit"``, ``"diffusers"``, several joined by ``+``; ``"lyco"`` for one taken from a model);
+    ``metadata``: safetensors metadata (``ss_*``); ``config``: a PEFT ``adapter_config.json`` object when
+    there was one. ``resolved``: ``modules`` are keyed by module paths of a model; ``False`` for a single
+    file read without a model, whose modules are then keyed by the file's own key stems, prefix included
+    (``lora_unet_down_blocks_0_proj_in``) — underscore paths can only be turned into module paths against
+    a real model (:mod:`lyco.formats.keys`).
     """
 
     modules: dict[str, ModuleAdapter]
     convention: str = "lycoris"
     metadata: dict[str, str] = field(default_factory=dict)
     config: dict | None = None
+    resolved: bool = True
 
     def algos(self) -> set[str]:
         return {m.algo for m in self.modules.values()}

@@ -20,6 +20,8 @@ from torch import nn
 
 from ..errors import ConfigError, FormatError, ShapeMismatchError
 from ..methods.base import METHODS, AdaptedLayer, AdapterConfig
+from ..targeting import pattern_value
+from .adapterfile import AdapterFile, ModuleAdapter
 from .io import read_tensors, write_tensors, write_text
 
 if TYPE_CHECKING:
@@ -62,7 +64,7 @@ def adapter_state_dict(model: LycoModel, adapter_name: str) -> dict[str, torch.T
     return out
 
 
-def config_to_json(config: AdapterConfig, base_model: nn.Module) -> dict[str, Any]:
+def config_to_json(config: AdapterConfig, base_model: nn.Module | None) -> dict[str, Any]:
     """The JSON object PEFT writes for this config."""
     data = config.to_dict()
     hf_config = getattr(base_model, "config", None)
@@ -227,3 +229,109 @@ def model_from_peft_dir(
     if not is_trainable:
         lyco_model.eval()
     return lyco_model
+
+
+# -- AdapterFile readers/writers (format conversion without a LycoModel) ------------------------------
+def read_peft_adapter(
+    model_id: str | os.PathLike,
+    allow_pickle: bool = False,
+    subfolder: str | None = None,
+    model: nn.Module | None = None,
+) -> AdapterFile:
+    """A PEFT LoHa/LoKr adapter folder as an :class:`AdapterFile` (``convention="peft"``, ``config``: the
+    JSON object). Per module ``alpha`` and ``r`` come from ``alpha``/``r`` and the patterns; a LoKr with
+    both factors full has ``alpha / r`` (which PEFT applies) folded into ``lokr_w1`` and ``alpha = r``, so
+    ``delta_weight()`` equals PEFT's ΔW (the AdapterFile rule gives such modules scale 1).
+
+    With ``model`` (the base module) weight shapes are taken from its layers and 1-D conv CP cores are
+    converted from PEFT's ``(r, r, k, 1)`` to ``(r, r, k)``; without it shapes are read off the tensors.
+    ``modules_to_save`` copies cannot be represented and are a :class:`FormatError`.
+    """
+    from .convert import ALGO_OF_PEFT_TYPE, fold_full_lokr
+    from .keys import ModuleIndex
+
+    config, tensors = read_peft_dir(model_id, allow_pickle=allow_pickle, subfolder=subfolder)
+    source = str(Path(model_id) / subfolder if subfolder else model_id)
+    algo = ALGO_OF_PEFT_TYPE[config.peft_type]
+    params = sorted(METHODS[config.peft_type].param_names, key=len, reverse=True)
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    extra = []
+    for key, t in tensors.items():
+        pname = next((p for p in params if key.endswith("." + p)), None)
+        if pname is None or not key.startswith(PREFIX):
+            extra.append(key)
+            continue
+        if not t.dtype.is_floating_point:
+            raise FormatError(f"{source}: key {key!r} has dtype {t.dtype}, expected a float tensor")
+        groups.setdefault(key[len(PREFIX) : -len(pname) - 1], {})[pname] = t
+    if extra:
+        raise FormatError(
+            f"{source}: {len(extra)} key(s) are not {algo} adapter weights (modules_to_save copies cannot be "
+            f"represented outside a PEFT folder): {extra[:8]}"
+        )
+    specs = ModuleIndex(model).specs if model is not None else {}
+    modules: dict[str, ModuleAdapter] = {}
+    for name, ts in groups.items():
+        spec = specs.get(name)
+        if model is not None and spec is None:
+            raise FormatError(f"{source}: module {name!r} is not an adaptable layer of the given model")
+        if spec is not None and len(spec.kernel) == 1:
+            ts = {p: t.squeeze(-1) if p in CP_CORES and t.dim() == 4 and t.shape[-1] == 1 else t for p, t in ts.items()}
+        r = pattern_value(config.rank_pattern, name, config.r)
+        alpha = float(pattern_value(config.alpha_pattern, name, config.alpha))
+        module = ModuleAdapter(algo, ts, alpha, tuple(spec.weight_shape) if spec is not None else None)
+        if module.full_lokr:
+            module = ModuleAdapter(algo, fold_full_lokr(ts, alpha, r), float(r), module.weight_shape)
+        modules[name] = module
+    af = AdapterFile(modules, convention="peft", config=config_to_json(config, None))
+    from .convert import check_shapes
+
+    check_shapes(af, source)
+    return af
+
+
+def write_peft_adapter(
+    af: AdapterFile, save_directory: str | os.PathLike, base_model: nn.Module | None = None
+) -> Path:
+    """Write an :class:`AdapterFile` as a PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    The config (``r``/``alpha`` + ``rank_pattern``/``alpha_pattern`` per module, ``decompose_factor``,
+    ``decompose_both``, ``use_effective_conv2d``) is fitted to the tensor shapes so that PEFT plans the
+    same shapes and computes the same ΔW (full–full LoKr modules: ``alpha = r``); an adapter PEFT's
+    planning rules cannot describe is a :class:`FormatError` naming the modules. ``base_model`` resolves
+    an unresolved file's underscore paths and gives conv kernel sizes (without it, shapes are read off
+    the tensors, which treats flattened conv factors as linear layers).
+    """
+    from .convert import fit_config, guess_weight_shape
+    from .keys import module_keys
+    from .lycoris import resolve_adapter_file
+
+    if not af.resolved and base_model is not None:
+        af = resolve_adapter_file(af, base_model)
+    names = {n: n for n in af.modules} if af.resolved else module_keys(list(af.modules), "peft", "", resolved=False)
+    shapes = {n: guess_weight_shape(m) for n, m in af.modules.items()}
+    if base_model is not None:
+        from .keys import ModuleIndex
+
+        specs = ModuleIndex(base_model).specs
+        shapes.update({n: tuple(specs[names[n]].weight_shape) for n in af.modules if names[n] in specs})
+    fit = fit_config(af, shapes)
+    if fit.problems:
+        raise FormatError(
+            "PEFT's config cannot describe these adapter shapes (PEFT plans shapes from one decompose_factor/"
+            "decompose_both/use_effective_conv2d"
+            + ("" if base_model is not None else "; pass base_model= if conv layers are involved")
+            + "):\n  " + "\n  ".join(fit.problems)
+        )
+    fit.config.target_modules = [names[n] for n in fit.config.target_modules]  # type: ignore[union-attr]
+    fit.config.rank_pattern = {names.get(k, k): v for k, v in fit.config.rank_pattern.items()}
+    fit.config.alpha_pattern = {names.get(k, k): v for k, v in fit.config.alpha_pattern.items()}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, m in af.modules.items():
+        for p, t in m.tensors.items():
+            tensors[f"{PREFIX}{names[name]}.{p}"] = t.unsqueeze(-1) if p in CP_CORES and t.dim() == 3 else t
+    folder = Path(save_directory)
+    write_tensors(folder / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+    payload = config_to_json(fit.config, base_model)
+    write_text(folder / CONFIG_NAME, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    return folder
