@@ -62,6 +62,7 @@ class LycoModel(nn.Module):
         *,
         low_cpu_mem_usage: bool = False,
         autocast_adapter_dtype: bool = True,
+        plans: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -70,7 +71,7 @@ class LycoModel(nn.Module):
         self._frozen: set[str] = set()
         self._base_requires_grad: list[tuple[nn.Parameter, bool]] = []
         self.autocast_adapter_dtype = autocast_adapter_dtype
-        self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
+        self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage, plans=plans)
         self.set_adapter(adapter_name)
         # `inspect.signature(model.forward)` shows the base model's arguments: transformers' Trainer keeps
         # only the batch keys named there. The call itself still runs LycoModel.forward.
@@ -416,10 +417,12 @@ def get_model(
     *,
     low_cpu_mem_usage: bool = False,
     autocast_adapter_dtype: bool = True,
+    plans: Mapping[str, Any] | None = None,
 ) -> LycoModel:
     """Inject the adapter described by ``config`` into ``model`` and return the :class:`LycoModel`.
 
-    Only adapter parameters (and ``modules_to_save`` copies) are trainable afterwards.
+    Only adapter parameters (and ``modules_to_save`` copies) are trainable afterwards. ``plans``: per
+    module, a shape plan to use instead of planning from ``config`` (see :meth:`LycoModel.add_adapter`).
 
     >>> import torch, lyco
     >>> net = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
@@ -428,5 +431,6 @@ def get_model(
     128
     """
     return LycoModel(
-        model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, autocast_adapter_dtype=autocast_adapter_dtype
-    )
+        model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
+        autocast_adapter_dtype=autocast_adapter_dtype, plans=plans,
+    )  # fmt: skip

@@ -343,14 +343,8 @@ def model_from_adapter_file(
 
     fit = fit_config(af, {n: tuple(m.weight_shape) for n, m in af.modules.items()})  # type: ignore[arg-type]
     _exact_targets(base, fit.config, set())
-    # LycoModel() plans its first adapter from the config; a placeholder on the meta device takes that
-    # place so the real adapter can be added with its plans (see docs/architecture.md).
-    placeholder = adapter_name + "_lyco_placeholder"
-    model = LycoModel(base, fit.config, placeholder, low_cpu_mem_usage=True)
+    model = LycoModel(base, fit.config, adapter_name, low_cpu_mem_usage=True, plans=fit.plans)
     try:
-        model.add_adapter(adapter_name, fit.config, low_cpu_mem_usage=True, plans=fit.plans)
-        model.set_adapter(adapter_name)
-        model.delete_adapter(placeholder)
         assign_adapter_weights(model, adapter_name, _peft_keyed(af), source)
     except BaseException:
         model.unload()
