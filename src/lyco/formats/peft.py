@@ -186,6 +186,40 @@ def assign_adapter_weights(
             clone.load_state_dict(sd)
 
 
+def infer_plans(root: nn.Module, config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Shape plans per module from PEFT-keyed ``tensors`` (so loading never recomputes a factorization:
+    a folder whose split differs from what ``config`` would plan still loads exactly). Modules whose
+    tensors describe no valid plan get none (the config's plan, then a precise key error on assign)."""
+    from ..methods.base import adapter_class_for
+    from ..ops.layerops import layer_spec
+    from ..targeting import pattern_value
+
+    adapter_cls = adapter_class_for(config)
+    grouped: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, t in tensors.items():
+        path, _, pname = key.rpartition(".")
+        if pname in adapter_cls.param_names and path.startswith(PREFIX):
+            grouped.setdefault(path[len(PREFIX):], {})[pname] = tuple(t.shape)
+    modules = dict(root.named_modules())
+    plans: dict[str, Any] = {}
+    for name, shapes in grouped.items():
+        module = modules.get(name)
+        spec = layer_spec(getattr(module, "base_layer", module)) if module is not None else None
+        if spec is None:
+            continue  # unknown module: assign_adapter_weights reports the unused keys
+        if len(spec.kernel) == 1:
+            shapes = {p: s[:-1] if p in CP_CORES and len(s) == 4 and s[-1] == 1 else s for p, s in shapes.items()}
+        try:
+            plan = adapter_cls.infer_plan(shapes, spec.weight_shape, pattern_value(config.rank_pattern, name, config.r))
+        except ShapeMismatchError:
+            # Incomplete or inconsistent tensors: plan from the config and let assign_adapter_weights name
+            # the missing / mis-shaped key.
+            continue
+        if plan is not None:
+            plans[name] = plan
+    return plans
+
+
 def load_peft_dir(
     model: LycoModel,
     model_id: str | os.PathLike,
@@ -196,7 +230,8 @@ def load_peft_dir(
 ) -> None:
     """Add the adapter stored in a PEFT folder to an existing :class:`LycoModel` (all-or-nothing)."""
     config, tensors = read_peft_dir(model_id, allow_pickle=allow_pickle, subfolder=subfolder)
-    model.add_adapter(adapter_name, config, low_cpu_mem_usage=True)
+    plans = infer_plans(model.model, config, tensors)
+    model.add_adapter(adapter_name, config, low_cpu_mem_usage=True, plans=plans)
     try:
         assign_adapter_weights(model, adapter_name, tensors, str(model_id))
     except BaseException:
@@ -219,7 +254,8 @@ def model_from_peft_dir(
 ) -> LycoModel:
     """Wrap ``model`` with the adapter of a PEFT folder; on any error the model is restored."""
     config, tensors = read_peft_dir(model_id, allow_pickle=allow_pickle, subfolder=subfolder)
-    lyco_model = cls(model, config, adapter_name, low_cpu_mem_usage=True, **kwargs)
+    plans = infer_plans(model, config, tensors)
+    lyco_model = cls(model, config, adapter_name, low_cpu_mem_usage=True, plans=plans, **kwargs)
     try:
         assign_adapter_weights(lyco_model, adapter_name, tensors, str(model_id))
     except BaseException:

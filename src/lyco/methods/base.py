@@ -210,6 +210,13 @@ class Adapter(nn.Module, ABC):
         return apply_weight(base_layer, self.spec, x, self.delta_weight().to(x.dtype))
 
     @classmethod
+    def infer_plan(cls, shapes: dict[str, tuple[int, ...]], weight_shape: tuple[int, ...], r: int) -> Any:
+        """The shape plan that ``shapes`` (on-disk name → shape, canonical layout) describe for a layer of
+        ``weight_shape``, or ``None`` when the method plans from its config only. Raises
+        :class:`~lyco.ShapeMismatchError` when the tensors do not fit."""
+        return None
+
+    @classmethod
     def supports(cls, spec: LayerSpec) -> bool:
         """Whether this method can adapt a layer of this kind (default: all supported kinds)."""
         return True

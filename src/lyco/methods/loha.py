@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..ops.factorize import plan_loha
+from ..ops.factorize import infer_loha_plan, plan_loha
 from ..ops.hadamard import hada_apply, hada_delta, hada_delta_cp
 from .base import Adapter, AdapterConfig, register_method
 
@@ -42,6 +42,10 @@ class LoHaAdapter(Adapter):
     config_cls = LoHaConfig
     param_names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
     rank_dropout_scale_default = True  # PEFT's LoHa always rescales kept rows
+
+    @classmethod
+    def infer_plan(cls, shapes, weight_shape, r):
+        return infer_loha_plan(shapes, weight_shape)
 
     def create_parameters(self, config: LoHaConfig, *, device, dtype) -> None:
         s = self.spec

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..ops.factorize import plan_lokr
+from ..ops.factorize import infer_lokr_plan, plan_lokr
 from ..ops.kron import kron_apply, kron_apply_cost, make_kron
 from ..ops.paths import op_overhead
 from ..ops.tucker import cp_rebuild
@@ -58,6 +58,10 @@ class LoKrAdapter(Adapter):
     config_cls = LoKrConfig
     param_names = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
     rank_dropout_scale_default = False
+
+    @classmethod
+    def infer_plan(cls, shapes, weight_shape, r):
+        return infer_lokr_plan(shapes, weight_shape, r)
 
     def create_parameters(self, config: LoKrConfig, *, device, dtype) -> None:
         s = self.spec
