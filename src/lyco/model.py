@@ -131,7 +131,8 @@ class LycoModel(nn.Module):
         """Add a new (inactive unless first) adapter; validates everything before touching the model.
 
         ``plans``: per module name, a shape plan (``LoKrPlan`` / ``LoHaPlan``, e.g. inferred from a file's
-        tensors) used instead of planning from ``config``; its ``r`` overrides ``rank_pattern``.
+        tensors) used instead of planning from ``config``; its ``r`` overrides ``rank_pattern`` unless both
+        LoKr factors are full (then the plan has no rank and ``r`` / ``rank_pattern`` give ``alpha / r``).
         """
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
             raise AdapterNameError(f"adapter name must be a non-empty string without '.', got {adapter_name!r}")
@@ -161,7 +162,9 @@ class LycoModel(nn.Module):
             weight = base.weight
             device = META if low_cpu_mem_usage else weight.device
             plan = (plans or {}).get(name)
-            r = plan.r if plan is not None else pattern_value(config.rank_pattern, name, config.r)
+            r = pattern_value(config.rank_pattern, name, config.r)
+            if plan is not None and not getattr(plan, "both_full", False):
+                r = plan.r  # the factored tensors carry the rank; a full-full LoKr plan carries none
             alpha = pattern_value(config.alpha_pattern, name, config.alpha)
             adapter = adapter_cls(
                 spec, r, alpha, config, device=device, dtype=_adapter_dtype(weight, self.autocast_adapter_dtype),

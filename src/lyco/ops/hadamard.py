@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .amp import autocast_state
 from .tucker import cp_rebuild
 
 
@@ -16,14 +17,16 @@ class _HadaWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w1a, w1b, w2a, w2b):  # type: ignore[override]
         ctx.save_for_backward(w1a, w1b, w2a, w2b)
+        ctx.amp = autocast_state(w1a.device.type)
         return (w1a @ w1b) * (w2a @ w2b)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         w1a, w1b, w2a, w2b = ctx.saved_tensors
-        g1 = grad * (w2a @ w2b)
-        g2 = grad * (w1a @ w1b)
-        return g1 @ w1b.mT, w1a.mT @ g1, g2 @ w2b.mT, w2a.mT @ g2
+        with torch.autocast(**ctx.amp):
+            g1 = grad * (w2a @ w2b)
+            g2 = grad * (w1a @ w1b)
+            return g1 @ w1b.mT, w1a.mT @ g1, g2 @ w2b.mT, w2a.mT @ g2
 
 
 def hada_delta(
@@ -48,16 +51,18 @@ class _HadaWeightCP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t1, w1a, w1b, t2, w2a, w2b):  # type: ignore[override]
         ctx.save_for_backward(t1, w1a, w1b, t2, w2a, w2b)
+        ctx.amp = autocast_state(t1.device.type)
         return cp_rebuild(t1, w1a, w1b) * cp_rebuild(t2, w2a, w2b)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         t1, w1a, w1b, t2, w2a, w2b = ctx.saved_tensors
-        g1 = grad * cp_rebuild(t2, w2a, w2b)
-        g2 = grad * cp_rebuild(t1, w1a, w1b)
-        gt1, g1a, g1b = _cp_grads(g1, t1, w1a, w1b)
-        gt2, g2a, g2b = _cp_grads(g2, t2, w2a, w2b)
-        return gt1, g1a, g1b, gt2, g2a, g2b
+        with torch.autocast(**ctx.amp):
+            g1 = grad * cp_rebuild(t2, w2a, w2b)
+            g2 = grad * cp_rebuild(t1, w1a, w1b)
+            gt1, g1a, g1b = _cp_grads(g1, t1, w1a, w1b)
+            gt2, g2a, g2b = _cp_grads(g2, t2, w2a, w2b)
+            return gt1, g1a, g1b, gt2, g2a, g2b
 
 
 def hada_delta_cp(

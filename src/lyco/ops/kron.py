@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .amp import autocast_state
 from .paths import ELEMENT_COST
 
 
@@ -50,6 +51,7 @@ class _KronApply(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xs, w1, w2, w2_a, w2_b, right_first):  # type: ignore[override]
         ctx.save_for_backward(xs, w1, w2, w2_a, w2_b)
+        ctx.amp = autocast_state(xs.device.type)
         if right_first:
             return _left(_apply_w2(xs, w2, w2_a, w2_b), w1)
         return _apply_w2(_left(xs, w1), w2, w2_a, w2_b)
@@ -57,6 +59,11 @@ class _KronApply(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         xs, w1, w2, w2_a, w2_b = ctx.saved_tensors
+        with torch.autocast(**ctx.amp):  # backward runs outside autocast: re-enter the forward's state
+            return _KronApply._grads(ctx, g, xs, w1, w2, w2_a, w2_b)
+
+    @staticmethod
+    def _grads(ctx, g, xs, w1, w2, w2_a, w2_b):
         gw2 = _apply_w2_t(g, w2, w2_a, w2_b)  # (m, out_l, in_r) = G w2
         grad_x = _left(gw2, w1.mT) if ctx.needs_input_grad[0] else None
         grad_w1 = torch.einsum("mai,mci->ac", gw2, xs) if ctx.needs_input_grad[1] else None
