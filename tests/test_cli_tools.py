@@ -154,6 +154,24 @@ def test_merge_streams_base_plus_delta_and_copies_the_rest(tmp_path: Path, dtype
     assert read_index(out)[1]["note"] == "tiny"
 
 
+def test_merge_into_a_folder_of_shards(tmp_path: Path) -> None:
+    base = tmp_path / "model"
+    base.mkdir()
+    state = base_state()
+    keys = list(state)
+    save_file({k: state[k] for k in keys[:3]}, base / "model-00001-of-00002.safetensors")
+    save_file({k: state[k] for k in keys[3:]}, base / "model-00002-of-00002.safetensors")
+    (base / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    af = AdapterFile({"layers.0.q": lokr(4, 3, 4, 4, r=2), "conv": loha(8, 4, 2, kernel=(3, 3))})
+    report = merge_file(base, af, tmp_path / "out")
+    assert sorted(report.merged) == ["conv", "layers.0.q"] and report.copied == len(state) - 2
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in base.iterdir())
+    merged = {**load_file(tmp_path / "out" / "model-00001-of-00002.safetensors"),
+              **load_file(tmp_path / "out" / "model-00002-of-00002.safetensors")}  # fmt: skip
+    torch.testing.assert_close(merged["conv.weight"], state["conv.weight"] + af.modules["conv"].delta_weight())
+    assert torch.equal(merged["head.weight"], state["head.weight"])
+
+
 def test_merge_transposed_conv1d_weights(tmp_path: Path) -> None:
     """GPT-2 style: every projection stored (in, out); the square one follows the others."""
     state = {"h.c_attn.weight": rnd(12, 36), "h.c_proj.weight": rnd(12, 12)}

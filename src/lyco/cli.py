@@ -193,7 +193,10 @@ def _run_convert(args: argparse.Namespace) -> int:
     out = write_adapter(af, args.dst, to=args.to, style=args.style, prefix=args.prefix)
     worst, n = compare_adapters(af, read_adapter(out, allow_pickle=False))
     print(f"wrote {out} ({target_format(out, args.to)}): {n} module(s), max relative ΔW difference {worst:.1e}")
-    return 0 if worst < 1e-5 else 1
+    if worst >= 1e-5:
+        print(f"lyco convert: error: the written adapter's ΔW differs from the source's ({worst:.1e})", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _add_merge(subparsers: argparse._SubParsersAction) -> None:
@@ -204,9 +207,10 @@ def _add_merge(subparsers: argparse._SubParsersAction) -> None:
         "Streams tensor by tensor: the base is memory-mapped and the output written as it is produced, so "
         "memory holds one base tensor at a time, never two copies of the model.",
         "  lyco merge model.safetensors my_lokr.safetensors merged.safetensors\n"
-        "  lyco merge unet.safetensors peft_dir/ merged.safetensors --scale 0.8\n",
+        "  lyco merge unet.safetensors peft_dir/ merged.safetensors --scale 0.8\n"
+        "  lyco merge llama_dir/ lokr.safetensors merged_dir/   # a folder of shards → a folder of shards\n",
     )  # fmt: skip
-    p.add_argument("base", type=Path, metavar="BASE_WEIGHTS")
+    p.add_argument("base", type=Path, metavar="BASE_WEIGHTS", help="a .safetensors file or a folder of shards")
     p.add_argument("adapter", type=Path, metavar="ADAPTER")
     p.add_argument("out", type=Path, metavar="OUT")
     p.add_argument("--scale", type=float, default=1.0, help="multiplier on the adapter's ΔW (default: 1)")
