@@ -76,11 +76,14 @@ def config_to_json(config: AdapterConfig, base_model: nn.Module | None) -> dict[
     )
     if isinstance(data.get("target_modules"), (set, frozenset)):
         data["target_modules"] = sorted(data["target_modules"])
+    for key, value in getattr(config, "unknown_fields", {}).items():
+        data.setdefault(key, value)  # fields of a newer PEFT, kept from the folder this config was read from
     return dict(sorted(data.items()))
 
 
 def config_from_json(data: dict[str, Any], source: str) -> AdapterConfig:
-    """Build a lyco config from PEFT JSON; unknown (newer PEFT) fields are reported and ignored."""
+    """Build a lyco config from PEFT JSON. Unknown (newer PEFT) fields are reported, not used, and kept
+    in ``config.unknown_fields`` so that saving the adapter writes them back."""
     peft_type = data.get("peft_type")
     if peft_type not in METHODS:
         raise FormatError(f"{source}: peft_type {peft_type!r} is not supported (lyco reads {sorted(METHODS)})")
@@ -88,12 +91,17 @@ def config_from_json(data: dict[str, Any], source: str) -> AdapterConfig:
     known = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(k for k in data if k not in known and k not in PEFT_META_FIELDS)
     if unknown:
-        warnings.warn(f"{source}: ignoring config fields lyco does not know: {unknown}", stacklevel=4)
+        warnings.warn(
+            f"{source}: config fields lyco does not know (from a newer PEFT?) are kept but not used: {unknown}",
+            stacklevel=4,
+        )
     kwargs = {k: v for k, v in data.items() if k in known}
     try:
-        return config_cls(**kwargs)
+        config = config_cls(**kwargs)
     except (ConfigError, TypeError) as exc:
         raise FormatError(f"{source}: invalid adapter config ({exc})") from None
+    config.unknown_fields = {k: data[k] for k in unknown}
+    return config
 
 
 def adapter_dir(save_directory: str | os.PathLike, adapter_name: str) -> Path:
