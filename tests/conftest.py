@@ -196,3 +196,24 @@ def assert_untouched(root: nn.Module, before: dict) -> None:
     assert after["state"].keys() == before["state"].keys()
     for key, value in before["state"].items():
         torch.testing.assert_close(after["state"][key], value, atol=0, rtol=0, equal_nan=True, msg=key)
+
+
+# PEFT configs the oracle / conversion tests run through real peft: (name, peft config class name, kwargs
+# shared by peft and lyco). peft's own LoKr Conv1d bugs are kept out (see the comment in the list).
+ALL = ["conv2d", "conv1d", "fc"]
+PEFT_CASES = [
+    ("loha", "LoHaConfig", {"r": 2, "alpha": 3, "target_modules": ALL}),
+    ("loha-patterns", "LoHaConfig", {"r": 2, "alpha": 3, "target_modules": ALL,
+                                     "rank_pattern": {"conv1d": 3, r"conv\dd": 1}, "alpha_pattern": {"fc": 5.0}}),
+    ("loha-effective-conv", "LoHaConfig", {"r": 2, "alpha": 4, "target_modules": ALL, "use_effective_conv2d": True}),
+    ("loha-modules-to-save", "LoHaConfig", {"r": 2, "target_modules": ["fc"], "modules_to_save": ["head"]}),
+    # LoKr Conv1d is left out where w2 is a full matrix (r >= max(out_r, in_r)/2): peft's make_kron scrambles
+    # the Conv1d layout there (known peft bug, see DESIGN.md), and peft's Conv1d CP path crashes; Conv1d is
+    # covered below with a decomposed, non-CP w2.
+    ("lokr-full-w2", "LoKrConfig", {"r": 2, "alpha": 3, "target_modules": ["conv2d", "fc"]}),
+    ("lokr-decomposed", "LoKrConfig", {"r": 1, "alpha": 3, "target_modules": ALL, "rank_pattern": {"fc": 2}}),
+    ("lokr-both-cp", "LoKrConfig", {"r": 1, "alpha": 2, "target_modules": ["conv2d", "fc"],
+                                    "decompose_both": True, "use_effective_conv2d": True}),
+    ("lokr-factor", "LoKrConfig", {"r": 1, "alpha": 2, "target_modules": ALL, "decompose_factor": 2,
+                                   "alpha_pattern": {"conv1d": 0.5}}),
+]  # fmt: skip

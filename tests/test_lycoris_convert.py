@@ -16,29 +16,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lyco
-from conftest import X, base_model
+from conftest import ALL, PEFT_CASES, X, base_model
 from lyco.formats import read_lycoris_file, read_peft_adapter, write_lycoris_file, write_peft_adapter
 
 peft = pytest.importorskip("peft")
 
 ATOL = 1e-5  # fp32 outputs through different implementations
 MOVED = 1e-4
-ALL = ["conv2d", "conv1d", "fc"]
 
-# PEFT configs (peft's own LoKr Conv1d bugs — full w2, CP — are kept out, as in test_model_peft_oracle.py)
-CASES = [
-    ("loha", "LoHaConfig", {"r": 2, "alpha": 3, "target_modules": ALL}),
-    ("loha-patterns", "LoHaConfig", {"r": 2, "alpha": 3, "target_modules": ALL,
-                                     "rank_pattern": {"conv1d": 3, r"conv\dd": 1}, "alpha_pattern": {"fc": 5.0}}),
-    ("loha-effective-conv", "LoHaConfig", {"r": 2, "alpha": 4, "target_modules": ALL, "use_effective_conv2d": True}),
-    # conv2d (4→16): both factors full at r=2, where peft applies alpha/r = 1.5 and LyCORIS files 1
-    ("lokr-full-w2", "LoKrConfig", {"r": 2, "alpha": 3, "target_modules": ["conv2d", "fc"]}),
-    ("lokr-decomposed", "LoKrConfig", {"r": 1, "alpha": 3, "target_modules": ALL, "rank_pattern": {"fc": 2}}),
-    ("lokr-both-cp", "LoKrConfig", {"r": 1, "alpha": 2, "target_modules": ["conv2d", "fc"],
-                                    "decompose_both": True, "use_effective_conv2d": True}),
-    ("lokr-factor", "LoKrConfig", {"r": 1, "alpha": 2, "target_modules": ALL, "decompose_factor": 2,
-                                   "alpha_pattern": {"conv1d": 0.5}}),
-]  # fmt: skip
+# PEFT configs without modules_to_save (LyCORIS files carry adapter tensors only)
+CASES = [c for c in PEFT_CASES if "modules_to_save" not in c[2]]
 IDS = [c[0] for c in CASES]
 
 
