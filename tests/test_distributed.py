@@ -5,7 +5,8 @@
   stay identical.
 - FSDP2 (``fully_shard`` per block + root): training equals single-process training as well; the sharded
   adapter saves through ``save_pretrained`` (gathered, rank 0 writes) and reloads into a plain model with
-  the same outputs; merging a sharded model raises a :class:`lyco.MergeError` that says how to gather.
+  the same outputs; merging a sharded model raises a :class:`lyco.MergeError` that says how to gather;
+  bf16 compute through ``MixedPrecisionPolicy`` keeps fp32 sharded adapter weights and tracks fp32 training.
 
 Each spawn writes what it measured to ``tmp_path``; the assertions run in the test process.
 """
@@ -167,7 +168,7 @@ def _fsdp_worker(rank: int, tmp: str) -> None:
 
 
 def _fsdp(rank: int, tmp: str) -> None:
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     x, y = global_batch()
     model = build()
@@ -192,7 +193,16 @@ def _fsdp(rank: int, tmp: str) -> None:
     reloaded.set_adapter(["default", "kr"])
     with torch.no_grad():
         reloaded_out = reloaded(x)
+    # bf16 compute (FSDP2 MixedPrecisionPolicy) with fp32 sharded master adapter weights
+    mixed = build()
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in mixed.model.blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(mixed, mp_policy=policy)
+    mixed_params = [p for p in mixed.parameters() if p.requires_grad]
+    mixed_losses = train(mixed, mixed_params, x[rank * 4: rank * 4 + 4], y[rank * 4: rank * 4 + 4])
     torch.save({"out": out, "reloaded_out": reloaded_out, "errors": errors, "losses": losses,
+                "mixed_losses": mixed_losses, "mixed_dtypes": sorted({str(p.dtype) for p in mixed_params}),
                 "files": sorted(os.listdir(f"{tmp}/adapter"))}, f"{tmp}/fsdp{rank}.pt")  # fmt: skip
 
 
@@ -211,7 +221,9 @@ def test_fsdp2_trains_saves_gathered_and_refuses_merge(tmp_path):
         torch.testing.assert_close(res["reloaded_out"], res["out"], rtol=1e-6, atol=1e-6)
         assert sorted(res["errors"]) == ["merge_adapter", "merge_and_unload"]
         assert all("FSDP2" in e and "from_pretrained" in e for e in res["errors"].values())
-        # per-rank loss is on its half of the batch: their mean is the single-process loss
+        assert res["mixed_dtypes"] == ["torch.float32"]  # bf16 compute, fp32 master adapter shards
+        torch.testing.assert_close(torch.tensor(res["mixed_losses"]), torch.tensor(res["losses"]), rtol=5e-2, atol=2e-2)
+    # per-rank loss is on its half of the batch: their mean is the single-process loss
     mean_losses = [(a + b) / 2 for a, b in zip(results[0]["losses"], results[1]["losses"], strict=True)]
     torch.testing.assert_close(torch.tensor(mean_losses), torch.tensor(want_losses), rtol=1e-5, atol=1e-6)
     assert want_losses[-1] < want_losses[0]

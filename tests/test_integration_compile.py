@@ -144,3 +144,37 @@ def test_inductor_training_steps_match_eager():
             losses[mode].append(loss.item())
     assert losses["eager"][-1] < losses["eager"][0]
     torch.testing.assert_close(losses["inductor"], losses["eager"], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["loha", "lokr_both"])
+def test_transformers_llama_is_one_graph(name):
+    """A tiny transformers Llama with adapters on every linear (dropouts on) traces as one graph, and the
+    compiled loss and adapter gradients equal eager."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    model = lyco.get_model(
+        transformers.LlamaForCausalLM(cfg),
+        CONFIGS[name](target_modules="all-linear", init_weights=False, rank_dropout=0.1, module_dropout=0.1),
+    )
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(3))
+    model.train()
+    explanation = torch._dynamo.explain(model)(input_ids=ids, labels=ids)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), [b.reason for b in explanation.break_reasons]
+    model.eval()  # deterministic: compare compiled with eager
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for module in (model, compiled):
+        for p in params:
+            p.grad = None
+        loss = module(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in params]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    for got, want in zip(results[1][1], results[0][1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

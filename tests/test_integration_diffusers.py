@@ -126,3 +126,22 @@ def test_kohya_lora_unet_round_trip(method, tmp_path):
     assert sorted(n for n, _ in loaded.adapted_layers()) == sorted(n for n, _ in model.adapted_layers())
     with torch.no_grad():
         torch.testing.assert_close(run(loaded, inputs), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_gradient_checkpointing_gives_the_same_gradients(arch):
+    """diffusers' own ``enable_gradient_checkpointing()`` (reached through the LycoModel): same adapter grads."""
+    build, inputs, targets = MODELS[arch]
+    grads = []
+    for checkpointing in (False, True):
+        model = lyco.get_model(build(), CONFIGS["loha_cp"](targets))
+        model.train()
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+            assert model.is_gradient_checkpointing
+        run(model, inputs).square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        assert grads[1][name] is not None, name
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)

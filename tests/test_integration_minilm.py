@@ -95,3 +95,13 @@ def test_minilm_train_save_load_merge(method, loaded, tmp_path):
     again = transformers.AutoModel.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
         torch.testing.assert_close(embed(again, batch), trained, rtol=1e-4, atol=1e-5)
+
+
+def test_minilm_default_targets(loaded):
+    """No ``target_modules``: the transformers ``bert`` default (query, value), as PEFT picks it."""
+    fresh, batch = loaded
+    model = lyco.get_model(fresh(), lyco.LoKrConfig(r=4, init_weights=False))
+    assert {n.rsplit(".", 1)[-1] for n, _ in model.adapted_layers()} == {"query", "value"}
+    assert len(list(model.adapted_layers())) == 12
+    with torch.no_grad():
+        assert torch.isfinite(embed(model, batch)).all()
