@@ -5,7 +5,8 @@
   stay identical.
 - FSDP2 (``fully_shard`` per block + root): training equals single-process training as well; the sharded
   adapter saves through ``save_pretrained`` (gathered, rank 0 writes) and reloads into a plain model with
-  the same outputs; merging a sharded model raises a :class:`lyco.MergeError` that says how to gather;
+  the same outputs; merging a sharded model raises a :class:`lyco.MergeError` that says how to gather,
+  adding/loading an adapter after ``fully_shard`` a :class:`lyco.StateError`;
   bf16 compute through ``MixedPrecisionPolicy`` keeps fp32 sharded adapter weights and tracks fp32 training.
 
 Each spawn writes what it measured to ``tmp_path``; the assertions run in the test process.
@@ -188,6 +189,12 @@ def _fsdp(rank: int, tmp: str) -> None:
             getattr(model, action)()
         except lyco.MergeError as exc:
             errors[action] = str(exc)
+    for action, call in (("add_adapter", lambda: model.add_adapter("late", lyco.LoHaConfig(target_modules=["fc2"]))),
+                         ("load_adapter", lambda: model.load_adapter(f"{tmp}/adapter/kr", "late"))):  # fmt: skip
+        try:
+            call()
+        except lyco.StateError as exc:
+            errors[action] = str(exc)
     reloaded = lyco.LycoModel.from_pretrained(base_net(), f"{tmp}/adapter")
     reloaded.load_adapter(f"{tmp}/adapter/kr", "kr")
     reloaded.set_adapter(["default", "kr"])
@@ -219,8 +226,9 @@ def test_fsdp2_trains_saves_gathered_and_refuses_merge(tmp_path):
         torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5, msg=name)
     for res in results:
         torch.testing.assert_close(res["reloaded_out"], res["out"], rtol=1e-6, atol=1e-6)
-        assert sorted(res["errors"]) == ["merge_adapter", "merge_and_unload"]
+        assert sorted(res["errors"]) == ["add_adapter", "load_adapter", "merge_adapter", "merge_and_unload"]
         assert all("FSDP2" in e and "from_pretrained" in e for e in res["errors"].values())
+        assert "then call fully_shard" in res["errors"]["add_adapter"]
         assert res["mixed_dtypes"] == ["torch.float32"]  # bf16 compute, fp32 master adapter shards
         torch.testing.assert_close(torch.tensor(res["mixed_losses"]), torch.tensor(res["losses"]), rtol=5e-2, atol=2e-2)
     # per-rank loss is on its half of the batch: their mean is the single-process loss

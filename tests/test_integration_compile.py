@@ -126,18 +126,23 @@ def test_path_switch_recompiles_to_the_chosen_path():
 
 
 @pytest.mark.slow
-def test_inductor_training_steps_match_eager():
-    """Default backend (inductor, C++ on CPU): three SGD steps of a compiled adapted block equal eager."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_inductor_training_steps_match_eager(device):
+    """Default backend (inductor: C++ on CPU, Triton on CUDA): three SGD steps of a compiled adapted block
+    equal eager."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
     torch._dynamo.reset()
+    inputs = tuple(t.to(device) for t in INPUTS)
     losses = {}
     for mode in ("eager", "inductor"):
-        model = adapted("loha_cp", rank_dropout=0.0)
+        model = adapted("loha_cp", rank_dropout=0.0).to(device)
         set_path(model, "factored")
         run = torch.compile(model) if mode == "inductor" else model
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
         losses[mode] = []
         for _ in range(3):
-            loss = run(*INPUTS)
+            loss = run(*inputs)
             loss.backward()
             opt.step()
             opt.zero_grad()

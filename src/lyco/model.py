@@ -22,7 +22,7 @@ from .errors import AdapterNameError, MergeError, UnsupportedLayerError
 from .methods.base import META, AdaptedLayer, AdapterConfig, adapter_class_for
 from .modules_to_save import ModulesToSaveWrapper
 from .ops.layerops import SUPPORTED_LAYERS, layer_spec
-from .sharding import check_unsharded, full_weights, is_sharded
+from .sharding import check_not_sharded_for_adapters, check_unsharded, full_weights, is_sharded
 from .targeting import check_modules_to_save, default_target_modules, find_targets, pattern_value
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -136,6 +136,7 @@ class LycoModel(nn.Module):
         """
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
             raise AdapterNameError(f"adapter name must be a non-empty string without '.', got {adapter_name!r}")
+        check_not_sharded_for_adapters(self)
         if adapter_name in self.peft_config:
             raise AdapterNameError(
                 f"an adapter named {adapter_name!r} already exists (adapters: {list(self.peft_config)}); "

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from .errors import MergeError
+from .errors import MergeError, StateError
 
 try:  # torch >= 2.5 (DTensor public), >= 2.6 (FSDPModule public)
     from torch.distributed.fsdp import FSDPModule
@@ -50,6 +50,17 @@ def check_unsharded(model: nn.Module, action: str) -> None:
             "base weights. Gather first: call model.save_pretrained(dir) on every rank (rank 0 writes the "
             "full adapter), then on one process load it into an unsharded base model and merge there: "
             "lyco.LycoModel.from_pretrained(base_model, dir).merge_and_unload()"
+        )
+
+
+def check_not_sharded_for_adapters(model: nn.Module) -> None:
+    """Raise :class:`StateError` if ``model`` is sharded: FSDP2 manages the parameters it saw at
+    ``fully_shard`` time, so adapters added (or loaded) afterwards would never be sharded or synchronised."""
+    if is_sharded(model):
+        raise StateError(
+            "cannot add or load an adapter on a model sharded with FSDP2 (fully_shard): FSDP only manages the "
+            "parameters that existed when it sharded the model. Add/load every adapter first "
+            "(lyco.get_model, add_adapter, load_adapter, LycoModel.from_pretrained), then call fully_shard"
         )
 
 
