@@ -25,6 +25,7 @@ hand so the same code path runs on a laptop or in CI with gloo.
 from __future__ import annotations
 
 import argparse
+import gc
 from pathlib import Path
 
 import torch
@@ -58,7 +59,15 @@ def main(argv: list[str] | None = None) -> dict[str, float] | None:
         accelerator.state.distributed_type = DistributedType.FSDP
         accelerator.state.fsdp_plugin = plugin
     assert accelerator.num_processes == 1 or accelerator.is_fsdp2
+    result = train(args, accelerator)
+    accelerator.free_memory()  # drop accelerate's references to the prepared model and optimizer
+    gc.collect()  # the sharded model dies before the process group does (teardown order matters for gloo)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
 
+
+def train(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, float] | None:
     model = lyco.get_model(tiny_llama(), lyco.LoKrConfig(r=4, alpha=4, target_modules="all-linear", init_weights=False))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
     model, opt = accelerator.prepare(model, opt)
@@ -89,8 +98,6 @@ def main(argv: list[str] | None = None) -> dict[str, float] | None:
             diff = (merged(input_ids=probe.cpu()).logits - sharded_logits).abs().max().item()
         print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; merged (unsharded) vs FSDP2 model: max diff {diff:.2e}")
         result = {"first_loss": losses[0], "last_loss": losses[-1], "merged_diff": diff}
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
     return result
 
 

@@ -11,6 +11,7 @@ every rank and the default ``find_unused_parameters=False`` works. Save from one
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 from pathlib import Path
 
@@ -37,7 +38,14 @@ def main(argv: list[str] | None = None) -> None:
     dist.init_process_group("nccl" if use_cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+    train(args, rank, world, device)
+    gc.collect()  # DDP's reducer dies before its process group does (teardown order matters for gloo)
+    dist.barrier()
+    dist.destroy_process_group()
 
+
+def train(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> None:
+    use_cuda = device.type == "cuda"
     config = lyco.LoHaConfig(r=4, alpha=4, target_modules=["0", "2"], module_dropout=0.1, rank_dropout=0.1)
     model = lyco.get_model(base_model(), config).to(device)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None)
@@ -59,9 +67,6 @@ def main(argv: list[str] | None = None) -> None:
     if rank == 0:
         model.save_pretrained(args.out)  # the unwrapped LycoModel; all replicas hold the same weights
         print(f"saved adapter to {args.out}")
-    dist.barrier()
-    del ddp
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ Recipe:
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 from pathlib import Path
 
@@ -53,7 +54,14 @@ def main(argv: list[str] | None = None) -> dict[str, float] | None:
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+    result = train(args, rank, world, device)
+    gc.collect()  # the sharded model dies before its process group does (teardown order matters for gloo)
+    dist.barrier()
+    dist.destroy_process_group()
+    return result
 
+
+def train(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict[str, float] | None:
     model = lyco.get_model(base_model(), lyco.LoKrConfig(r=4, alpha=4, target_modules=["fc1", "fc2"], init_weights=False))
     model.to(device)
     for block in list(model.model)[:-1]:
@@ -90,8 +98,6 @@ def main(argv: list[str] | None = None) -> dict[str, float] | None:
             diff = (merged(x) - sharded_out).abs().max().item()
         print(f"merged (rank 0, unsharded) vs sharded model: max diff {diff:.2e}")
         result = {"merged_diff": diff}
-    dist.barrier()
-    dist.destroy_process_group()
     return result
 
 

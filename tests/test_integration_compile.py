@@ -75,6 +75,18 @@ def test_no_graph_breaks(name, path):
     assert torch._dynamo.explain(model)(*INPUTS).graph_break_count == 0
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_lyco_path_env_traces_without_breaks(path, monkeypatch):
+    """``LYCO_PATH`` (read while tracing) forces the path without breaking the graph; outputs equal eager."""
+    monkeypatch.setenv("LYCO_PATH", path)
+    torch._dynamo.reset()
+    model = adapted("lokr")
+    explanation = torch._dynamo.explain(model)(*INPUTS)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(*INPUTS), model(*INPUTS), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_compiled_forward_backward_equals_eager(name):
     """fullgraph=True fwd+bwd on both paths, then after set_adapter (one, a list), disable_adapter and
