@@ -64,12 +64,16 @@ class _KronApply(torch.autograd.Function):
 
     @staticmethod
     def _grads(ctx, g, xs, w1, w2, w2_a, w2_b):
-        gw2 = _apply_w2_t(g, w2, w2_a, w2_b)  # (m, out_l, in_r) = G w2
-        grad_x = _left(gw2, w1.mT) if ctx.needs_input_grad[0] else None
-        grad_w1 = torch.einsum("mai,mci->ac", gw2, xs) if ctx.needs_input_grad[1] else None
+        # Transposed copies are made once and shared; every contraction is then one plain matmul.
+        out_l, in_l = w1.shape
+        gw2_t = _apply_w2_t(g, w2, w2_a, w2_b).mT.contiguous()  # (m, in_r, out_l) = (G w2)ᵀ
+        xs_t = xs.mT.contiguous()  # (m, in_r, in_l) = Xᵀ
+        grad_x = (gw2_t @ w1).mT if ctx.needs_input_grad[0] else None  # w1ᵀ G w2
+        grad_w1 = gw2_t.reshape(-1, out_l).mT @ xs_t.reshape(-1, in_l) if ctx.needs_input_grad[1] else None
         grad_w2 = grad_a = grad_b = None
         if any(ctx.needs_input_grad[2:5]):
-            full = torch.einsum("mab,mai->bi", g, _left(xs, w1))  # Σ Gᵀ w1 X  (out_r, in_r)
+            w1x = F.linear(xs_t, w1).mT.contiguous()  # (m, out_l, in_r) = w1 X
+            full = g.reshape(-1, g.shape[-1]).mT @ w1x.reshape(-1, w1x.shape[-1])  # Σ Gᵀ w1 X  (out_r, in_r)
             if w2 is not None:
                 grad_w2 = full
             else:
