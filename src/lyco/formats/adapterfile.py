@@ -19,6 +19,19 @@ from ..ops.kron import make_kron
 from ..ops.tucker import cp_rebuild
 
 ALGOS = ("loha", "lokr", "lora")
+CP_CORES = ("hada_t1", "hada_t2", "lokr_t2")  # conv CP cores, (r, r, *k) in lyco
+
+
+def core_to_peft(pname: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """PEFT's on-disk shape of a tensor: 1-D conv CP cores ``(r, r, k)`` gain a trailing unit dim."""
+    return (*shape, 1) if pname in CP_CORES and len(shape) == 3 else tuple(shape)
+
+
+def core_from_peft(pname: str, shape: tuple[int, ...], kernel_dims: int) -> tuple[int, ...]:
+    """lyco's shape of a PEFT tensor for a layer with ``kernel_dims`` kernel dims (inverse of ``core_to_peft``)."""
+    if pname in CP_CORES and kernel_dims == 1 and len(shape) == 4 and shape[-1] == 1:
+        return tuple(shape[:-1])
+    return tuple(shape)
 
 
 @dataclass

@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..errors import FormatError, ShapeMismatchError
-from .adapterfile import AdapterFile, ModuleAdapter
+from .adapterfile import CP_CORES, AdapterFile, ModuleAdapter, core_from_peft, core_to_peft
 from .convert import (
     adapter_file_from_model,
     add_adapter_file,
@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 # Tensor rank each parameter must have (``None``: at least 2, more for conv kernels).
 _NDIM = {"hada_w1_a": 2, "hada_w1_b": 2, "hada_w2_a": 2, "hada_w2_b": 2, "lokr_w1": 2, "lokr_w1_a": 2,
          "lokr_w1_b": 2, "lokr_w2_a": 2}  # fmt: skip
-_CORES = ("hada_t1", "hada_t2", "lokr_t2")
 _FILE_NAMES = {"lora_down.weight": "lora_down", "lora_up.weight": "lora_up"}  # file key → ModuleAdapter name
 _KEY_NAMES = {v: k for k, v in _FILE_NAMES.items()}
 _REQUIRED = {
@@ -80,7 +79,7 @@ def _check_tensor(source: str, key: str, param: str, t: torch.Tensor) -> None:
     if not t.dtype.is_floating_point:
         raise FormatError(f"{source}: key {key!r} has dtype {t.dtype}, expected a float tensor")
     want = _NDIM.get(param)
-    low = 3 if param in _CORES else 2
+    low = 3 if param in CP_CORES else 2
     if (want is not None and t.dim() != want) or t.dim() < low or 0 in t.shape:
         shape = f"{want}" if want is not None else f"at least {low}"
         raise ShapeMismatchError(f"{source}: key {key!r} has shape {tuple(t.shape)}; {param} needs {shape} non-empty dims")
@@ -173,10 +172,7 @@ def parse_state_dict(
 
 def _canonical(m: ModuleAdapter, kernel: tuple[int, ...]) -> ModuleAdapter:
     """Layouts that need the layer: PEFT's Conv1d cores ``(r, r, k, 1)``, 1×1-conv ``lokr_w2 (o, i)``."""
-    t = dict(m.tensors)
-    for name in _CORES:
-        if name in t and len(kernel) == 1 and t[name].dim() == 4 and t[name].shape[-1] == 1:
-            t[name] = t[name].squeeze(-1)
+    t = {p: v.reshape(core_from_peft(p, v.shape, len(kernel))) for p, v in m.tensors.items()}
     if "lokr_w2" in t and kernel and math.prod(kernel) == 1 and t["lokr_w2"].dim() == 2:
         t["lokr_w2"] = t["lokr_w2"].reshape(*t["lokr_w2"].shape, *kernel)
     return ModuleAdapter(m.algo, t, m.alpha, m.weight_shape)
@@ -267,8 +263,8 @@ def lycoris_state_dict(
     for name, m in af.modules.items():
         stem = stems[name]
         for p, t in m.tensors.items():
-            if style == "peft" and p in _CORES and t.dim() == 3:
-                t = t.unsqueeze(-1)  # PEFT's Conv1d core layout
+            if style == "peft":
+                t = t.reshape(core_to_peft(p, t.shape))  # PEFT's Conv1d core layout
             out[f"{stem}.{_KEY_NAMES.get(p, p)}"] = t.detach()
         alpha = m.alpha if m.alpha is not None else float(m.rank or 1)
         out[f"{stem}.alpha"] = torch.tensor(alpha, dtype=torch.float32)

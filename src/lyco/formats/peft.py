@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, FormatError, ShapeMismatchError
-from ..methods.base import METHODS, AdaptedLayer, AdapterConfig
+from ..methods.base import METHODS, AdapterConfig
 from ..targeting import pattern_value
-from .adapterfile import AdapterFile, ModuleAdapter
+from .adapterfile import AdapterFile, ModuleAdapter, core_from_peft, core_to_peft
 from .io import read_tensors, write_tensors, write_text
 
 if TYPE_CHECKING:
@@ -35,19 +35,6 @@ PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PEFT_META_FIELDS = {
     "peft_type", "base_model_name_or_path", "revision", "task_type", "inference_mode", "auto_mapping", "peft_version",
 }  # fmt: skip
-CP_CORES = ("hada_t1", "hada_t2", "lokr_t2")
-
-
-def _to_file_layout(layer: AdaptedLayer, pname: str, tensor: torch.Tensor) -> torch.Tensor:
-    if pname in CP_CORES and len(layer.spec.kernel) == 1:
-        return tensor.unsqueeze(-1)
-    return tensor
-
-
-def _from_file_layout(layer: AdaptedLayer, pname: str, tensor: torch.Tensor) -> torch.Tensor:
-    if pname in CP_CORES and len(layer.spec.kernel) == 1 and tensor.dim() == 4 and tensor.shape[-1] == 1:
-        return tensor.squeeze(-1)
-    return tensor
 
 
 def adapter_state_dict(model: LycoModel, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -56,7 +43,7 @@ def adapter_state_dict(model: LycoModel, adapter_name: str) -> dict[str, torch.T
     for lname, layer in model.adapted_layers():
         if adapter_name in layer.lyco_adapters:
             for pname, p in layer.lyco_adapters[adapter_name].named_parameters():
-                out[f"{PREFIX}{lname}.{pname}"] = _to_file_layout(layer, pname, p.detach())
+                out[f"{PREFIX}{lname}.{pname}"] = p.detach().reshape(core_to_peft(pname, p.shape))
     for wname, wrapper in model._wrappers():
         if adapter_name in wrapper.modules_to_save:
             for k, v in wrapper.modules_to_save[adapter_name].state_dict().items():
@@ -161,7 +148,8 @@ def assign_adapter_weights(
             key = f"{PREFIX}{lname}.{pname}"
             if key not in tensors:
                 raise FormatError(f"{source}: missing key {key!r}")
-            t = _from_file_layout(layer, pname, tensors[key])
+            t = tensors[key]
+            t = t.reshape(core_from_peft(pname, t.shape, len(layer.spec.kernel)))
             if not t.dtype.is_floating_point:
                 raise FormatError(f"{source}: key {key!r} has dtype {t.dtype}, expected a float tensor")
             if tuple(t.shape) != tuple(p.shape):
@@ -215,8 +203,7 @@ def infer_plans(root: nn.Module, config: AdapterConfig, tensors: dict[str, torch
         spec = layer_spec(getattr(module, "base_layer", module)) if module is not None else None
         if spec is None:
             continue  # unknown module: assign_adapter_weights reports the unused keys
-        if len(spec.kernel) == 1:
-            shapes = {p: s[:-1] if p in CP_CORES and len(s) == 4 and s[-1] == 1 else s for p, s in shapes.items()}
+        shapes = {p: core_from_peft(p, s, len(spec.kernel)) for p, s in shapes.items()}
         try:
             plan = adapter_cls.infer_plan(shapes, spec.weight_shape, pattern_value(config.rank_pattern, name, config.r))
         except ShapeMismatchError:
@@ -319,8 +306,8 @@ def read_peft_adapter(
         spec = specs.get(name)
         if model is not None and spec is None:
             raise FormatError(f"{source}: module {name!r} is not an adaptable layer of the given model")
-        if spec is not None and len(spec.kernel) == 1:
-            ts = {p: t.squeeze(-1) if p in CP_CORES and t.dim() == 4 and t.shape[-1] == 1 else t for p, t in ts.items()}
+        if spec is not None:
+            ts = {p: t.reshape(core_from_peft(p, t.shape, len(spec.kernel))) for p, t in ts.items()}
         r = pattern_value(config.rank_pattern, name, config.r)
         alpha = float(pattern_value(config.alpha_pattern, name, config.alpha))
         module = ModuleAdapter(algo, ts, alpha, tuple(spec.weight_shape) if spec is not None else None)
@@ -373,7 +360,7 @@ def write_peft_adapter(
     tensors: dict[str, torch.Tensor] = {}
     for name, m in af.modules.items():
         for p, t in m.tensors.items():
-            tensors[f"{PREFIX}{names[name]}.{p}"] = t.unsqueeze(-1) if p in CP_CORES and t.dim() == 3 else t
+            tensors[f"{PREFIX}{names[name]}.{p}"] = t.reshape(core_to_peft(p, t.shape))
     folder = Path(save_directory)
     write_tensors(folder / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
     payload = config_to_json(fit.config, base_model)
