@@ -106,9 +106,13 @@ class LycoModel(nn.Module):
                 yield name, module
 
     def _internal_names(self) -> set[str]:
-        names = {f"{n}.base_layer" for n, _ in self.adapted_layers()} | {f"{n}.lyco_adapters" for n, _ in self.adapted_layers()}
-        for n, _ in self._wrappers():
-            names |= {f"{n}.original_module", f"{n}.modules_to_save"}
+        """Names of the wrappers' own children (never adapter targets themselves)."""
+        names: set[str] = set()
+        for n, module in self.model.named_modules():
+            if isinstance(module, AdaptedLayer):
+                names |= {f"{n}.base_layer", f"{n}.lyco_adapters"}
+            elif isinstance(module, ModulesToSaveWrapper):
+                names |= {f"{n}.original_module", f"{n}.modules_to_save"}
         return names
 
     @property
