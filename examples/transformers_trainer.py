@@ -1,4 +1,4 @@
-"""Fine-tune a transformers causal LM with LoKr through ``transformers.Trainer``, then ship the adapter.
+"""Fine-tune a transformers causal LM with LoKr through ``LycoTrainer``, then ship the adapter.
 
     python examples/transformers_trainer.py --steps 60 --out lyco_trainer_out
 
@@ -8,8 +8,12 @@ The model is a tiny Llama built from a config so the script runs offline in seco
 - ``lyco.get_model`` adapts the model in place; ``generate()``, ``config`` and activation checkpointing
   are the base model's own, and ``inspect.signature(model.forward)`` is the base model's, so Trainer's
   ``remove_unused_columns`` keeps the right batch keys.
-- ``save_pretrained`` writes a PEFT-layout adapter (also loadable by ``peft``); ``merge_and_unload()``
-  gives back a plain transformers model whose ``save_pretrained`` is a normal checkpoint.
+- ``lyco.integrations.transformers.LycoTrainer`` checkpoints the adapter as PEFT's Trainer path does:
+  ``checkpoint-N/`` and ``trainer.save_model()`` hold ``adapter_config.json`` + ``adapter_model.safetensors``
+  (``save_pretrained``'s PEFT layout, also loadable by ``peft``), not the base model, and
+  ``train(resume_from_checkpoint=True)`` loads the adapter back. A plain ``Trainer`` would write the full
+  state dict (and fail on tied embeddings). ``merge_and_unload()`` gives back a plain transformers model
+  whose ``save_pretrained`` is a normal checkpoint.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ import argparse
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 import lyco
+from lyco.integrations.transformers import LycoTrainer
 
 
 def tiny_llama() -> LlamaForCausalLM:
@@ -57,16 +62,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model.print_trainable_parameters()
     training = TrainingArguments(
         output_dir=str(args.out / "run"), max_steps=args.steps, per_device_train_batch_size=8, learning_rate=5e-2,
-        lr_scheduler_type="constant", logging_steps=max(args.steps // 10, 1), report_to="none", save_strategy="no",
+        lr_scheduler_type="constant", logging_steps=max(args.steps // 10, 1), report_to="none",
+        save_strategy="steps", save_steps=max(args.steps // 2, 1), save_total_limit=1,
         use_cpu=not torch.cuda.is_available(), disable_tqdm=True, seed=0, optim="adamw_torch",
         gradient_checkpointing=args.checkpointing,
     )  # fmt: skip
-    trainer = Trainer(model=model, args=training, train_dataset=Alternating())
-    trainer.train()
+    trainer = LycoTrainer(model=model, args=training, train_dataset=Alternating())
+    trainer.train()  # resume an interrupted run with trainer.train(resume_from_checkpoint=True)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    last = max((args.out / "run").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    print(f"{last.name}:", sorted(p.name for p in last.iterdir()))  # adapter files, optimizer, scheduler, RNG
 
-    model.save_pretrained(args.out / "adapter")  # adapter_config.json + adapter_model.safetensors
+    trainer.save_model(str(args.out / "adapter"))  # adapter_config.json + adapter_model.safetensors
     model.eval()
     prompt = torch.tensor([[3, 4, 3, 4]])
     with torch.no_grad():

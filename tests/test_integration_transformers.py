@@ -1,6 +1,8 @@
 """transformers: an adapted tiny Llama (built from a config, no download) keeps ``generate()``,
 ``config``, activation checkpointing and the base model's ``save_pretrained``, and trains with
-``transformers.Trainer`` (the loss falls)."""
+``transformers.Trainer`` (the loss falls); ``LycoTrainer`` checkpoints hold only the adapter (tied GPT-2
+embeddings included), resuming from one ends exactly where the uninterrupted run does, and
+``load_best_model_at_end`` loads the best adapter in place."""
 
 from __future__ import annotations
 
@@ -151,3 +153,127 @@ def test_trainer_trains_and_saves(method, tmp_path):
     reloaded = lyco.LycoModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(IDS).logits, model(IDS).logits, rtol=1e-5, atol=1e-6)
+
+
+# -- LycoTrainer: checkpoints hold the adapter, resume / load_best_model_at_end load it -------------------
+def tiny_gpt2():
+    """GPT-2 ties ``lm_head.weight`` to ``wte.weight``: Trainer's full-state-dict fallback refuses it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def _lyco_trainer(model, out, **overrides):
+    from transformers import TrainingArguments
+
+    from lyco.integrations.transformers import LycoTrainer
+
+    kwargs = dict(
+        output_dir=str(out), max_steps=6, save_strategy="steps", save_steps=3, per_device_train_batch_size=8,
+        learning_rate=5e-2, warmup_steps=2, lr_scheduler_type="linear", optim="adamw_torch", report_to="none",
+        use_cpu=True, disable_tqdm=True, seed=0, logging_steps=1,
+    )  # fmt: skip
+    kwargs.update(overrides)
+    eval_dataset = _Copy(n=8) if kwargs.get("eval_strategy", "no") != "no" else None
+    return LycoTrainer(model=model, args=TrainingArguments(**kwargs), train_dataset=_Copy(), eval_dataset=eval_dataset)
+
+
+def _trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _saved(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_lyco_trainer_checkpoint_is_the_adapter_with_tied_embeddings(method, tmp_path):
+    from lyco.formats.peft import adapter_state_dict
+
+    model = lyco.get_model(tiny_gpt2(), CONFIGS[method]())  # gpt2 default target: c_attn (Conv1D)
+    trainer = _lyco_trainer(model, tmp_path / "run", max_steps=3)
+    trainer.train()  # plain Trainer raises here: "Some tensors share memory" (lm_head / wte)
+    trainer.save_model(str(tmp_path / "final"))
+    ckpt = tmp_path / "run" / "checkpoint-3"
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "rng_state.pth", "scheduler.pt",
+        "trainer_state.json", "training_args.bin",
+    ]  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "final").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "training_args.bin",
+    ]  # fmt: skip
+    want = adapter_state_dict(model, "default")
+    for folder in (ckpt, tmp_path / "final"):
+        saved = _saved(folder)
+        assert saved.keys() == want.keys() and all(".c_attn." in k for k in saved)  # no base weight
+        for k, v in want.items():
+            torch.testing.assert_close(saved[k], v, rtol=0, atol=0, msg=k)
+    full_bytes = sum(t.numel() * t.element_size() for t in tiny_gpt2().state_dict().values())
+    ckpt_bytes = sum(p.stat().st_size for p in ckpt.iterdir())  # adapter + its Adam moments + small files
+    assert (ckpt / "adapter_model.safetensors").stat().st_size < full_bytes / 8 and ckpt_bytes < full_bytes / 2
+    model.eval()
+    reloaded = lyco.LycoModel.from_pretrained(tiny_gpt2(), ckpt)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+
+
+def test_lyco_trainer_resume_matches_the_uninterrupted_run(method, tmp_path):
+    import shutil
+
+    model = lyco.get_model(tiny_gpt2(), CONFIGS[method]())
+    _lyco_trainer(model, tmp_path / "full").train()  # 6 steps, checkpoints at 3 and 6
+    want = _trainable(model)
+    # A fresh process would rebuild the model: different adapter init, so only the checkpoint can make it match.
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
+    torch.manual_seed(123)
+    resumed = lyco.get_model(tiny_gpt2(), CONFIGS[method]())
+    assert any(not torch.equal(p, want[n]) for n, p in _trainable(resumed).items())
+    trainer = _lyco_trainer(resumed, tmp_path / "resumed")
+    trainer.train(resume_from_checkpoint=True)  # the last checkpoint of output_dir: checkpoint-3 (mid-epoch)
+    assert trainer.state.global_step == 6
+    got = _trainable(resumed)
+    assert got.keys() == want.keys()
+    diff = max((got[n] - want[n]).abs().max().item() for n in want)
+    assert diff <= 1e-6, diff
+
+
+def test_lyco_trainer_load_best_model_at_end(tmp_path):
+    model = lyco.get_model(tiny_gpt2(), CONFIGS["lokr"]())
+    params = dict(model.named_parameters())
+    # "best" = highest eval loss, i.e. an early checkpoint, not the final weights
+    trainer = _lyco_trainer(
+        model, tmp_path / "run", eval_strategy="steps", eval_steps=3, load_best_model_at_end=True,
+        metric_for_best_model="eval_loss", greater_is_better=True,
+    )  # fmt: skip
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and best.endswith("checkpoint-3")
+    final = _saved(tmp_path / "run" / "checkpoint-6")
+    from lyco.formats.peft import adapter_state_dict
+
+    now = adapter_state_dict(model, "default")
+    assert all(params[n] is p for n, p in model.named_parameters())  # loaded in place
+    saved = _saved(tmp_path / "run" / "checkpoint-3")
+    for k, v in saved.items():
+        torch.testing.assert_close(now[k], v, rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(final[k], v) for k, v in saved.items())
+
+
+def test_copy_adapter_weights_checks_before_copying(tmp_path):
+    from lyco.integrations.transformers import copy_adapter_weights
+
+    lyco.get_model(tiny_gpt2(), CONFIGS["loha"]()).save_pretrained(tmp_path / "loha")
+    lyco.get_model(tiny_gpt2(), lyco.LoHaConfig(r=2, init_weights=False)).save_pretrained(tmp_path / "loha_r2")
+    model = lyco.get_model(tiny_gpt2(), CONFIGS["loha"]())
+    before = _trainable(model)
+    with pytest.raises(lyco.FormatError, match="LOHA adapter"):
+        copy_adapter_weights(lyco.get_model(tiny_gpt2(), CONFIGS["lokr"]()), tmp_path / "loha")
+    with pytest.raises(lyco.ShapeMismatchError, match="hada_w1_a"):
+        copy_adapter_weights(model, tmp_path / "loha_r2")
+    with pytest.raises(lyco.FormatError, match="no adapter 'default'"):
+        copy_adapter_weights(model, tmp_path)
+    for n, p in _trainable(model).items():
+        assert torch.equal(p, before[n]), n

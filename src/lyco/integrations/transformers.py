@@ -1,0 +1,148 @@
+"""``transformers.Trainer`` checkpoints of a :class:`~lyco.LycoModel` that hold the adapter, as for PEFT.
+
+``Trainer`` calls ``save_pretrained`` only for ``PreTrainedModel`` / ``PeftModel``; any other model is
+saved as its full state dict (``safetensors.save_file``: the whole base model, and an error for tied
+embeddings such as GPT-2's), and resuming loads that state dict back. :class:`LycoTrainer` (or
+:class:`LycoTrainerMixin` in front of another ``Trainer`` subclass) instead
+
+- saves (``save_strategy`` checkpoints, ``trainer.save_model()``) with ``LycoModel.save_pretrained``:
+  ``adapter_config.json`` + ``adapter_model.safetensors`` per adapter (``default`` at the top, others in
+  sub-folders), plus Trainer's usual ``training_args.bin`` / tokenizer;
+- takes ``label_names`` from the base model's class (Trainer reads them from ``type(model).forward``,
+  which for a ``LycoModel`` names no labels, so evaluation would report no ``eval_loss``);
+- on ``train(resume_from_checkpoint=...)`` and ``load_best_model_at_end`` copies the checkpoint's adapter
+  weights into the existing parameters in place (Trainer restores optimizer, scheduler and RNG itself).
+
+Models that are not a ``LycoModel``, checkpoints without adapter files, and the DeepSpeed / FSDP /
+SageMaker paths (which hand ``_save`` a gathered state dict) keep Trainer's own behaviour.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.utils import can_return_loss, find_labels, logging
+
+from ..errors import FormatError, ShapeMismatchError
+from ..formats.peft import CONFIG_NAME, PREFIX, adapter_dir, adapter_state_dict, read_peft_dir
+from ..model import LycoModel
+from ..sharding import is_sharded
+
+__all__ = ["LycoTrainer", "LycoTrainerMixin", "copy_adapter_weights"]
+
+logger = logging.get_logger(__name__)
+
+
+def _has_adapter(model: LycoModel, checkpoint: str | os.PathLike | None) -> bool:
+    return checkpoint is not None and (adapter_dir(checkpoint, model.active_adapter) / CONFIG_NAME).is_file()
+
+
+def copy_adapter_weights(model: LycoModel, checkpoint: str | os.PathLike) -> list[str]:
+    """Copy every adapter of ``model`` from a ``save_pretrained`` folder into its existing parameters, in
+    place (parameter objects, and so an optimizer's references, stay the same). Returns the names loaded.
+
+    Each adapter must be in the folder with exactly the keys and shapes the model has; otherwise
+    :class:`~lyco.FormatError` / :class:`~lyco.ShapeMismatchError` and nothing is copied.
+    """
+    loaded: list[tuple[str, dict[str, torch.Tensor]]] = []
+    for name, config in model.peft_config.items():
+        folder = adapter_dir(checkpoint, name)
+        if not (folder / CONFIG_NAME).is_file():
+            raise FormatError(f"{checkpoint}: no adapter {name!r} ({folder / CONFIG_NAME} is missing)")
+        saved, tensors = read_peft_dir(folder)
+        if saved.peft_type != config.peft_type:
+            raise FormatError(
+                f"{folder}: a {saved.peft_type} adapter, the model's {name!r} is {config.peft_type}"
+            )
+        want = {k: tuple(t.shape) for k, t in adapter_state_dict(model, name).items()}
+        missing, unexpected = sorted(want.keys() - tensors.keys()), sorted(tensors.keys() - want.keys())
+        if missing or unexpected:
+            raise FormatError(
+                f"{folder}: keys differ from adapter {name!r}: missing {missing[:4]}, unexpected {unexpected[:4]}"
+            )
+        for key, shape in want.items():
+            if tuple(tensors[key].shape) != shape:
+                raise ShapeMismatchError(
+                    f"{folder}: key {key!r} has shape {tuple(tensors[key].shape)}, needs {shape}"
+                )
+        loaded.append((name, tensors))
+    with torch.no_grad():
+        for name, tensors in loaded:
+            for lname, layer in model.adapted_layers():
+                if name in layer.lyco_adapters:
+                    for pname, p in layer.lyco_adapters[name].named_parameters():
+                        p.copy_(tensors[f"{PREFIX}{lname}.{pname}"].reshape(p.shape))
+            for wname, wrapper in model._wrappers():
+                if name in wrapper.modules_to_save:
+                    clone = wrapper.modules_to_save[name]
+                    clone.load_state_dict({k: tensors[f"{PREFIX}{wname}.{k}"] for k in clone.state_dict()})
+    return [name for name, _ in loaded]
+
+
+class LycoTrainerMixin:
+    """Put in front of ``transformers.Trainer`` or a subclass of it (``class T(LycoTrainerMixin, SFTTrainer)``)
+    to checkpoint a :class:`~lyco.LycoModel` as its adapter; see the module docstring."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        model = self._lyco_model()
+        if model is not None:
+            # Trainer finds label names in the model *class*'s forward signature; LycoModel.forward is
+            # (*args, **kwargs), so it would find none and evaluation would report no loss.
+            base = type(model.get_base_model())
+            if self.args.label_names is None:
+                self.label_names = find_labels(base)
+            self.can_return_loss = can_return_loss(base)
+
+    def _lyco_model(self, model: nn.Module | None = None) -> LycoModel | None:
+        model = self.accelerator.unwrap_model(self.model if model is None else model)
+        model = model._modules.get("_orig_mod", model)  # torch.compile's OptimizedModule
+        return model if isinstance(model, LycoModel) and not is_sharded(model) else None
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        model = self._lyco_model()
+        if model is None or state_dict is not None:  # DeepSpeed / FSDP / SageMaker: Trainer's own path
+            return super()._save(output_dir, state_dict=state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        logger.info(f"Saving adapter checkpoint to {output_dir}")
+        model.save_pretrained(output_dir)
+        # the rest as Trainer._save: tokenizer / processor, then the training arguments
+        tokenizer = self.processing_class if hasattr(self, "processing_class") else self.tokenizer  # < 4.46
+        if tokenizer is None:
+            tokenizer = getattr(self.data_collator, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        lyco_model = self._lyco_model(model)
+        if lyco_model is None or not _has_adapter(lyco_model, resume_from_checkpoint):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        names = copy_adapter_weights(lyco_model, resume_from_checkpoint)
+        logger.info(f"Loaded adapter(s) {names} from {resume_from_checkpoint}")
+
+    def _load_best_model(self) -> None:
+        lyco_model = self._lyco_model()
+        best = self.state.best_model_checkpoint
+        if (
+            lyco_model is None
+            or self.is_deepspeed_enabled
+            or self.is_fsdp_enabled
+            or not _has_adapter(lyco_model, best)
+        ):
+            return super()._load_best_model()
+        logger.info(f"Loading best adapter from {best} (score: {self.state.best_metric}).")
+        copy_adapter_weights(lyco_model, best)
+
+
+class LycoTrainer(LycoTrainerMixin, Trainer):
+    """``transformers.Trainer`` whose checkpoints of a :class:`~lyco.LycoModel` hold only the adapter
+    (``save_pretrained`` files) and whose ``resume_from_checkpoint`` / ``load_best_model_at_end`` load it."""
