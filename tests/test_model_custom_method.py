@@ -43,7 +43,7 @@ class TestLoraAdapter(lyco.Adapter):
         else:
             nn.init.normal_(self.lora_up, std=0.1)
 
-    def delta_weight(self):
+    def delta_weight(self, dtype=None):
         return (self.lora_up @ self.lora_down).reshape(self.spec.weight_shape)
 
 

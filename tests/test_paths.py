@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lyco
-from lyco.ops.paths import choose_path, forced_path
+from lyco.ops.paths import call_costs, choose_path, forced_path
 
 RTOL_FP32, ATOL_FP32 = 1e-5, 1e-5  # relative to the output scale, fp32
 BF16_TOL = 3e-2  # bf16 vs fp32 reference, relative to max |output|
@@ -134,3 +134,35 @@ def test_cost_model_choices(monkeypatch, cfg_cls, in_f, out_f, rows, expected):
     _, layer = adapted_linear(cfg_cls, in_f, out_f, r=8)
     adapter = layer.lyco_adapters["default"]
     assert choose_path(*adapter.path_costs(rows)) == expected
+
+
+@pytest.mark.parametrize(
+    ("cfg_cls", "rows", "grad", "fused", "expected"),
+    [
+        (lyco.LoHaConfig, 512, False, True, "dense"),  # inference: W + ΔW costs a build, no extra matmul
+        (lyco.LoHaConfig, 512, False, False, "factored"),  # unfused: a second 512-row matmul
+        (lyco.LoHaConfig, 512, True, True, "factored"),  # training: the weight gradient is a full matmul
+        (lyco.LoHaConfig, 1, False, True, "factored"),  # decode: the build costs more than 1 row factored
+        (lyco.LoKrConfig, 512, False, True, "dense"),
+        (lyco.LoKrConfig, 512, True, True, "factored"),
+        (lyco.LoKrConfig, 1, False, True, "factored"),
+    ],
+)  # fmt: skip
+def test_cost_model_with_grad_and_fusion(monkeypatch, cfg_cls, rows, grad, fused, expected):
+    monkeypatch.delenv("LYCO_PATH", raising=False)
+    _, layer = adapted_linear(cfg_cls, 1024, 1024, r=8)
+    adapter = layer.lyco_adapters["default"]
+    assert adapter.select_path(rows, "cpu", grad=grad, fused=fused) == expected
+
+
+def test_call_costs_formula():
+    assert call_costs(10, 7, 100, grad=False, fused=False) == (110, 7)
+    assert call_costs(10, 7, 100, grad=False, fused=True) == (10, 7)
+    assert call_costs(10, 7, 100, grad=True, fused=False) == (330, 21)
+    assert call_costs(10, 7, 100, grad=True, fused=True) == (130, 21)
+
+
+def test_conv_is_always_dense(monkeypatch):
+    monkeypatch.setenv("LYCO_PATH", "factored")
+    model = lyco.get_model(nn.Sequential(nn.Conv2d(8, 8, 3)), lyco.LoHaConfig(r=2, target_modules=["0"]))
+    assert model.model[0].lyco_adapters["default"].select_path(100, "cpu") == "dense"

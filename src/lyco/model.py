@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import AdapterNameError, MergeError, UnsupportedLayerError
+from .errors import AdapterNameError, ConfigError, MergeError, UnsupportedLayerError
 from .methods.base import META, AdaptedLayer, AdapterConfig, adapter_class_for
 from .modules_to_save import ModulesToSaveWrapper
 from .ops.layerops import SUPPORTED_LAYERS, layer_spec
@@ -42,6 +42,12 @@ def _adapter_dtype(weight: torch.Tensor, autocast_adapter_dtype: bool) -> torch.
     return weight.dtype
 
 
+def _check_compute_dtype(value: Any) -> str | torch.dtype:
+    if value in ("input", "adapter") or (isinstance(value, torch.dtype) and value.is_floating_point):
+        return value
+    raise ConfigError(f"compute_dtype must be 'input', 'adapter' or a floating torch.dtype, got {value!r}")
+
+
 class LycoModel(nn.Module):
     """A model with LyCORIS-family adapters. ``forward`` (and unknown attributes) go to the wrapped model.
 
@@ -52,6 +58,9 @@ class LycoModel(nn.Module):
         low_cpu_mem_usage: create adapter weights on the ``meta`` device (no allocation, no init);
             they are materialised when a state dict is loaded with ``assign``.
         autocast_adapter_dtype: keep adapter weights in fp32 when the base weights are fp16/bf16.
+        compute_dtype: dtype of the adapter maths — ``"input"`` (default: the layer input's, so a bf16
+            model computes its adapters in bf16 from fp32 master weights), ``"adapter"`` (PEFT's rule: the
+            adapter weights' dtype) or a floating ``torch.dtype``. See :meth:`set_compute_dtype`.
     """
 
     def __init__(
@@ -63,8 +72,10 @@ class LycoModel(nn.Module):
         low_cpu_mem_usage: bool = False,
         autocast_adapter_dtype: bool = True,
         plans: Mapping[str, Any] | None = None,
+        compute_dtype: str | torch.dtype = "input",
     ) -> None:
         super().__init__()
+        self.compute_dtype = _check_compute_dtype(compute_dtype)
         self.model = model
         self.peft_config: dict[str, AdapterConfig] = {}
         self._active: list[str] = []
@@ -187,6 +198,7 @@ class LycoModel(nn.Module):
                 p.requires_grad_(False)
         for name, module, adapter in created:
             layer = module if isinstance(module, AdaptedLayer) else AdaptedLayer(module, name)
+            layer.compute_dtype = self.compute_dtype
             layer.lyco_adapters[adapter_name] = adapter
             layer.active_adapters = list(self._active)
             if layer is not module:
@@ -337,6 +349,14 @@ class LycoModel(nn.Module):
             layer.unmerge()
         return self._unload(merge=False)
 
+    def set_compute_dtype(self, compute_dtype: str | torch.dtype) -> None:
+        """Dtype of the adapter maths on every layer: ``"input"`` — the layer input's dtype (bf16 stays bf16;
+        fp32 master weights are cast for the maths and get fp32 gradients), ``"adapter"`` — the adapter
+        weights' dtype (PEFT: the input is cast to it and the delta back), or a floating ``torch.dtype``."""
+        self.compute_dtype = _check_compute_dtype(compute_dtype)
+        for _, layer in self.adapted_layers():
+            layer.compute_dtype = self.compute_dtype
+
     # -- scale ---------------------------------------------------------------------------------
     def set_scale(self, adapter: str, scale: float) -> None:
         """``scaling = scale · alpha / r`` on every layer of ``adapter`` (takes effect for unmerged use)."""
@@ -426,6 +446,7 @@ def get_model(
     low_cpu_mem_usage: bool = False,
     autocast_adapter_dtype: bool = True,
     plans: Mapping[str, Any] | None = None,
+    compute_dtype: str | torch.dtype = "input",
 ) -> LycoModel:
     """Inject the adapter described by ``config`` into ``model`` and return the :class:`LycoModel`.
 
@@ -440,5 +461,5 @@ def get_model(
     """
     return LycoModel(
         model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
-        autocast_adapter_dtype=autocast_adapter_dtype, plans=plans,
+        autocast_adapter_dtype=autocast_adapter_dtype, plans=plans, compute_dtype=compute_dtype,
     )  # fmt: skip

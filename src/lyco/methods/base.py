@@ -1,8 +1,8 @@
 """Shared adapter machinery: config base, one-adapter module, the wrapping layer, method registry.
 
 A method is one file: subclass :class:`AdapterConfig` and :class:`Adapter`, implement
-``create_parameters``, ``reset_parameters`` and ``delta_weight`` (optionally a faster
-``forward_delta``), then decorate the adapter class with :func:`register_method`.
+``create_parameters``, ``reset_parameters`` and ``delta_weight`` (optionally a factored path:
+``factored_cost`` + ``factored_delta``), then decorate the adapter class with :func:`register_method`.
 Rank dropout, module dropout, scaling, dtype casting, merge/unmerge and safe merge live here,
 once, for every method and layer type.
 """
@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import ConfigError, MergeError, ShapeMismatchError, StateError, UnsupportedLayerError
 from ..ops.layerops import SUPPORTED_LAYERS, LayerSpec, apply_weight, from_canonical, layer_spec
-from ..ops.paths import choose_path
+from ..ops.paths import call_costs, choose_path
 
 META = torch.device("meta")
 
@@ -116,6 +116,11 @@ class AdapterConfig:
         return out
 
 
+def as_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``t`` cast to ``dtype`` (``None``: unchanged); differentiable, so a cast parameter still gets its grad."""
+    return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+
 def rank_dropout_mask(
     n: int, p: float, rescale: bool, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -188,26 +193,42 @@ class Adapter(nn.Module, ABC):
         """(Re)initialise parameters; ``True`` must give a zero delta."""
 
     @abstractmethod
-    def delta_weight(self) -> torch.Tensor:
-        """Unscaled ``ΔW`` with shape ``spec.weight_shape``."""
+    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Unscaled ``ΔW`` with shape ``spec.weight_shape``, built in ``dtype`` (the parameters are cast
+        first, so gradients still reach them in their own dtype); ``None``: the parameters' dtype."""
 
-    def path_costs(self, n_rows: int, device_type: str = "cpu") -> tuple[float, float] | None:
-        """Cost ``(dense, factored)`` of one call on ``n_rows`` rows of a linear-like layer, or ``None`` when
-        the method has no factored path (see :mod:`lyco.ops.paths`)."""
+    def build_cost(self) -> float:
+        """Multiply-adds to build ``ΔW`` (used against :meth:`factored_cost` when that is not None)."""
+        return math.prod(self.spec.weight_shape) * self.r
+
+    def factored_cost(self, n_rows: int, device_type: str = "cpu") -> float | None:
+        """Forward cost of ``factored_delta`` on ``n_rows`` rows of a linear-like layer (multiply-adds plus
+        kernel-call overheads, see :mod:`lyco.ops.paths`), or ``None`` when the method has no factored path."""
         return None
 
     def factored_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """Unscaled ``ΔW · x`` for ``x (..., in)`` without building ``ΔW`` (when ``path_costs`` is not None)."""
+        """Unscaled ``ΔW · x`` for ``x (..., in)`` without building ``ΔW``, in ``x``'s dtype (when
+        :meth:`factored_cost` is not None)."""
         raise NotImplementedError
 
-    def forward_delta(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        """Unscaled ``ΔW · x`` the way ``base_layer`` applies its weight: factored for linear-like layers when
-        cheaper (or forced by ``LYCO_PATH`` / ``self.path``), else dense."""
-        if self.spec.kind != "conv":
-            costs = self.path_costs(x.numel() // max(self.spec.in_features, 1), x.device.type)
-            if costs is not None and choose_path(*costs, self.path) == "factored":
-                return self.factored_delta(x)
-        return apply_weight(base_layer, self.spec, x, self.delta_weight().to(x.dtype))
+    def path_costs(
+        self, n_rows: int, device_type: str = "cpu", *, grad: bool = False, fused: bool = False
+    ) -> tuple[float, float] | None:
+        """Cost ``(dense, factored)`` of one call on ``n_rows`` rows (see :func:`lyco.ops.paths.call_costs`), or
+        ``None`` without a factored path."""
+        factored = self.factored_cost(n_rows, device_type)
+        if factored is None:
+            return None
+        apply = n_rows * math.prod(self.spec.weight_shape)
+        return call_costs(self.build_cost(), factored, apply, grad=grad, fused=fused)
+
+    def select_path(self, n_rows: int, device_type: str, *, grad: bool = False, fused: bool = False) -> str:
+        """``"dense"`` or ``"factored"`` for one call: conv layers and methods without a factored path are
+        dense; otherwise ``self.path``, ``LYCO_PATH`` or the cheaper one."""
+        if self.spec.kind == "conv":
+            return "dense"
+        costs = self.path_costs(n_rows, device_type, grad=grad, fused=fused)
+        return "dense" if costs is None else choose_path(*costs, self.path)
 
     @classmethod
     def infer_plan(cls, shapes: dict[str, tuple[int, ...]], weight_shape: tuple[int, ...], r: int) -> Any:
@@ -228,14 +249,23 @@ class Adapter(nn.Module, ABC):
     def add_param(self, name: str, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype | None) -> None:
         setattr(self, name, nn.Parameter(torch.empty(shape, device=device, dtype=dtype)))
 
+    def _first_param(self) -> torch.Tensor:
+        own = self._parameters
+        return next(iter(own.values())) if own else next(self.parameters())
+
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        return self._first_param().dtype
 
     @property
     def is_meta(self) -> bool:
         """Weights not materialised yet (created with ``low_cpu_mem_usage=True`` and not loaded)."""
         return any(p.is_meta for p in self.parameters())
+
+    @property
+    def requires_grad(self) -> bool:
+        """Whether the (first) parameter is trainable: adapters are trained or frozen as a whole."""
+        return self._first_param().requires_grad
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}"
@@ -264,10 +294,43 @@ def adapter_class_for(config: AdapterConfig) -> type[Adapter]:
     raise ConfigError(f"no adapter method is registered for {type(config).__name__}; use @register_method")
 
 
+_FUSABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+_PLAIN = (nn.Parameter, torch.Tensor)
+_FULL_PRECISION = (torch.float32, torch.float64)
+
+
+# torch's registries of global module hooks (dicts filled in place by ``register_module_*_hook``).
+_GLOBAL_HOOKS = tuple(
+    getattr(torch.nn.modules.module, n, {})
+    for n in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")
+)
+
+
+def _global_hooks() -> bool:
+    """Whether any global module hook is registered (fusing would bypass the base layer's ``__call__``)."""
+    return any(_GLOBAL_HOOKS)
+
+
+def _along(factor: float | torch.Tensor, ndim: int, dim: int) -> float | torch.Tensor:
+    """A per-channel factor ``(c,)`` (or ``(1,)``) viewed to broadcast along ``dim`` of an ``ndim``-dim tensor."""
+    if not isinstance(factor, torch.Tensor):
+        return factor
+    shape = [1] * ndim
+    shape[dim] = -1
+    return factor.view(shape)
+
+
 class AdaptedLayer(nn.Module):
     """Wraps a base layer (kept as ``base_layer``) and holds its adapters by name.
 
-    ``forward(x) = base_layer(x) + Σ_active scaling_a · mask · ΔW_a·x`` for non-merged adapters.
+    ``forward(x) = base_layer(x) + Σ_active scaling_a · mask · ΔW_a·x`` for non-merged adapters, each by
+    its cheaper path (dense ``ΔW`` or factored). Dense deltas are summed and, when :meth:`can_fuse`,
+    added to the base weight for a single matmul/conv.
+
+    ``compute_dtype``: the dtype of the adapter maths — ``"input"`` (default: the input's dtype, so a bf16
+    model computes adapters in bf16 while fp32 master parameters get fp32 gradients), ``"adapter"``
+    (PEFT's rule: the input is cast to the adapter's dtype and the delta back), or a ``torch.dtype``.
+    ``fuse_dense``: allow the fused dense forward (default True).
     """
 
     def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
@@ -284,7 +347,8 @@ class AdaptedLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
-        self.cast_input_dtype_enabled = True
+        self.compute_dtype: str | torch.dtype = "input"
+        self.fuse_dense = True
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -314,39 +378,96 @@ class AdaptedLayer(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        if self.disable_adapters:
-            return result
-        for name in self.active_adapters:
-            if name in self.merged_adapters or name not in self.lyco_adapters:
-                continue
-            delta = self.delta_activations(name, x)
-            p = self.lyco_adapters[name].module_dropout
-            if self.training and p > 0:
-                # A 0/1 tensor factor instead of a Python branch: no host sync, no torch.compile graph
-                # break, and every parameter stays in the graph (DDP needs no find_unused_parameters).
-                delta = delta * (torch.rand(1, device=delta.device) > p)
-            result = result + delta.to(result.dtype)
+        names = self.live_adapters()
+        if not names:
+            return self.base_layer(x, *args, **kwargs)
+        fuse = not args and not kwargs and self.can_fuse(x)
+        grad = torch.is_grad_enabled()
+        n_rows = x.numel() // max(self.spec.in_features, 1)
+        dense: torch.Tensor | None = None
+        factored: list[torch.Tensor] = []
+        for name in names:
+            adapter = self._materialised(name)
+            dtype = self.resolve_compute_dtype(x, adapter)
+            factor = self._factor(adapter, x.device, dtype)
+            path = adapter.select_path(n_rows, x.device.type, grad=grad and adapter.requires_grad, fused=fuse)
+            if path == "factored":
+                out = adapter.factored_delta(x.to(dtype))
+                factored.append(out * _along(factor, out.dim(), self.spec.channel_dim(out.dim())))
+            else:
+                delta = adapter.delta_weight(dtype)
+                delta = delta * _along(factor, delta.dim(), 0)
+                dense = delta if dense is None else dense + delta.to(dense.dtype)
+        if dense is None:
+            result = self.base_layer(x, *args, **kwargs)
+        elif fuse:
+            weight = self.base_layer.weight
+            result = apply_weight(self.base_layer, self.spec, x, weight + dense.to(weight.dtype), self.base_layer.bias)
+        else:
+            result = self.base_layer(x, *args, **kwargs)
+            result = result + apply_weight(self.base_layer, self.spec, x.to(dense.dtype), dense).to(result.dtype)
+        for out in factored:
+            result = result + out.to(result.dtype)
         return result
 
-    def delta_activations(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """``scaling · mask · ΔW·x`` of one adapter (mask: rank dropout, training only)."""
-        adapter = self._materialised(name)
-        if self.cast_input_dtype_enabled:
-            x = x.to(adapter.dtype)
-        out = adapter.forward_delta(x, self.base_layer)
+    def live_adapters(self) -> list[str]:
+        """Active adapters this layer has that are not merged (empty when adapters are disabled)."""
+        if self.disable_adapters:
+            return []
+        own, merged = self._modules["lyco_adapters"], self.merged_adapters
+        return [n for n in self.active_adapters if n not in merged and n in own]
+
+    def resolve_compute_dtype(self, x: torch.Tensor, adapter: Adapter) -> torch.dtype:
+        """The dtype the adapter's maths runs in for input ``x`` (see :attr:`compute_dtype`)."""
+        mode = self.compute_dtype
+        if mode == "input":
+            return x.dtype
+        return adapter.dtype if mode == "adapter" else mode
+
+    def can_fuse(self, x: torch.Tensor) -> bool:
+        """Whether dense deltas can be added to the base weight for this call and applied by one matmul/conv
+        (``F.linear(x, W + ΔW, b)``) instead of a second one: the base layer is a plain ``nn.Linear``/``Conv1d``/
+        ``Conv2d`` whose forward nothing hooks, its weight a plain fp32/fp64 tensor in ``x``'s dtype and
+        autocast is off (a low-precision ``W + ΔW`` would round away small deltas)."""
+        base = self._modules["base_layer"]
+        if not self.fuse_dense or type(base) not in _FUSABLE:
+            return False
+        weight = base._parameters["weight"]
+        if type(weight) not in _PLAIN or weight.dtype not in _FULL_PRECISION or x.dtype != weight.dtype:
+            return False
+        if base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks:
+            return False
+        return not _global_hooks() and not torch.is_autocast_enabled(x.device.type)
+
+    def _factor(self, adapter: Adapter, device: torch.device, dtype: torch.dtype) -> float | torch.Tensor:
+        """``scaling``, times the rank-dropout keep-mask ``(out,)`` and the module-dropout 0/1 factor ``(1,)``
+        in training. The 0/1 factor is a tensor, not a Python branch: no host sync, no torch.compile graph
+        break, and every parameter stays in the graph (DDP needs no find_unused_parameters)."""
+        factor: float | torch.Tensor = adapter.scaling
         if self.training and adapter.rank_dropout > 0:
-            mask = rank_dropout_mask(
-                self.spec.out_features, adapter.rank_dropout, adapter.rank_dropout_scale, out.device, out.dtype
-            )
-            shape = [1] * out.dim()
-            shape[self.spec.channel_dim(out.dim())] = -1
-            return out * (mask * adapter.scaling).view(shape)
-        return out * adapter.scaling
+            mask = rank_dropout_mask(self.spec.out_features, adapter.rank_dropout, adapter.rank_dropout_scale, device, dtype)
+            factor = mask * factor
+        if self.training and adapter.module_dropout > 0:
+            factor = (torch.rand(1, device=device) > adapter.module_dropout).to(dtype) * factor
+        return factor
+
+    def delta_activations(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``scaling · mask · ΔW·x`` of one adapter, by the path it would take (masks: training only)."""
+        adapter = self._materialised(name)
+        dtype = self.resolve_compute_dtype(x, adapter)
+        factor = self._factor(adapter, x.device, dtype)
+        x = x.to(dtype)
+        grad = torch.is_grad_enabled() and adapter.requires_grad
+        n_rows = x.numel() // max(self.spec.in_features, 1)
+        if adapter.select_path(n_rows, x.device.type, grad=grad) == "factored":
+            out = adapter.factored_delta(x)
+        else:
+            out = apply_weight(self.base_layer, self.spec, x, adapter.delta_weight(dtype))
+        return out * _along(factor, out.dim(), self.spec.channel_dim(out.dim()))
 
     def _materialised(self, name: str) -> Adapter:
-        adapter = self.lyco_adapters[name]
-        if adapter.is_meta and not self.base_layer.weight.is_meta:
+        adapter = self._modules["lyco_adapters"][name]
+        if adapter._first_param().is_meta and not self._modules["base_layer"].weight.is_meta:
             raise StateError(
                 f"adapter {name!r} on {type(self.base_layer).__name__} still has its weights on the meta device "
                 "(low_cpu_mem_usage=True); load its weights before using it"
@@ -359,9 +480,14 @@ class AdaptedLayer(nn.Module):
         adapter = self._materialised(name)
         return from_canonical(self.spec, adapter.delta_weight() * adapter.scaling)
 
+    def _delta_fp32(self, name: str) -> torch.Tensor:
+        """Scaled ``ΔW`` built in fp32 (merge precision), laid out like the base weight."""
+        adapter = self._materialised(name)
+        return from_canonical(self.spec, adapter.delta_weight(torch.float32).detach() * adapter.scaling)
+
     def _merged_weight(self, name: str) -> torch.Tensor:
         weight = self.base_layer.weight
-        return (weight.data.float() + self.get_delta_weight(name).detach().float()).to(weight.dtype)
+        return (weight.data.float() + self._delta_fp32(name)).to(weight.dtype)
 
     def check_merge(self, adapter_names: list[str], module_name: str = "") -> None:
         """Raise :class:`MergeError` if merging would put a non-finite value in the weight (no change)."""
@@ -392,8 +518,7 @@ class AdaptedLayer(nn.Module):
         with torch.no_grad():
             while self.merged_adapters:
                 name = self.merged_adapters.pop()
-                delta = self.get_delta_weight(name).detach().float()
-                weight.data.copy_((weight.data.float() - delta).to(weight.dtype))
+                weight.data.copy_((weight.data.float() - self._delta_fp32(name)).to(weight.dtype))
 
     # -- scale -------------------------------------------------------------------------------
     def check_scalable(self, names: list[str]) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..ops.factorize import infer_loha_plan, plan_loha
 from ..ops.hadamard import hada_apply, hada_delta, hada_delta_cp
-from .base import Adapter, AdapterConfig, register_method
+from .base import Adapter, AdapterConfig, as_dtype, register_method
 
 
 @dataclass
@@ -60,25 +60,23 @@ class LoHaAdapter(Adapter):
         if init_weights:
             nn.init.zeros_(self.hada_w2_b)
 
-    def delta_weight(self) -> torch.Tensor:
+    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        w1a, w1b, w2a, w2b = (as_dtype(w, dtype) for w in (self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b))
         if self.plan.use_cp:
-            return hada_delta_cp(
-                self.hada_t1, self.hada_w1_a, self.hada_w1_b, self.hada_t2, self.hada_w2_a, self.hada_w2_b
-            )
-        delta = hada_delta(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b)
-        return delta.reshape(self.plan.weight_shape)
+            return hada_delta_cp(as_dtype(self.hada_t1, dtype), w1a, w1b, as_dtype(self.hada_t2, dtype), w2a, w2b)
+        return hada_delta(w1a, w1b, w2a, w2b).reshape(self.plan.weight_shape)
 
-    def path_costs(self, n_rows: int, device_type: str = "cpu") -> tuple[float, float] | None:
-        """Multiply-adds ``(dense, factored)`` for ``n_rows`` input rows of a linear-like layer.
+    def build_cost(self) -> float:
+        """``2·r·o·i`` for the two rank-``r`` products plus ``o·i`` for their Hadamard product."""
+        return (2 * self.r + 1) * math.prod(self.plan.weight_shape)
 
-        Dense builds ``ΔW`` (``2·r·o·i + o·i``) and applies it (``n·o·i``); factored builds the Khatri-Rao
-        factors (``r²·(o + i)``) and applies them (``n·r²·(o + i)``). Both run about as many kernels, so
-        ``device_type`` does not matter here.
-        """
+    def factored_cost(self, n_rows: int, device_type: str = "cpu") -> float | None:
+        """Khatri-Rao factors (``r²·(o + i)``) and their application (``n·r²·(o + i)``); none for CP. Both paths
+        run about as many kernels, so ``device_type`` does not matter here."""
         if self.plan.use_cp:
             return None
-        o, i, r2 = self.plan.out_features, self.plan.in_features, self.r * self.r
-        return (2 * self.r + 1 + n_rows) * o * i, (1 + n_rows) * r2 * (o + i)
+        o, i = self.plan.out_features, self.plan.in_features
+        return (1 + n_rows) * self.r * self.r * (o + i)
 
     def factored_delta(self, x: torch.Tensor) -> torch.Tensor:
         ws = (self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b)

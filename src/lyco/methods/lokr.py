@@ -19,7 +19,7 @@ from ..ops.factorize import infer_lokr_plan, plan_lokr
 from ..ops.kron import kron_apply, kron_apply_cost, make_kron
 from ..ops.paths import op_overhead
 from ..ops.tucker import cp_rebuild
-from .base import Adapter, AdapterConfig, register_method
+from .base import Adapter, AdapterConfig, as_dtype, register_method
 
 
 @dataclass
@@ -82,39 +82,48 @@ class LoKrAdapter(Adapter):
         elif init_weights:
             nn.init.zeros_(self.lokr_w1 if "lokr_w1" in names else self.lokr_w1_a)
 
-    def w1(self) -> torch.Tensor:
-        """Left factor ``(out_l, in_l)``."""
-        return self.lokr_w1 if self.plan.use_w1 else self.lokr_w1_a @ self.lokr_w1_b
+    def w1(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Left factor ``(out_l, in_l)`` in ``dtype`` (default: the parameters')."""
+        if self.plan.use_w1:
+            return as_dtype(self.lokr_w1, dtype)
+        return as_dtype(self.lokr_w1_a, dtype) @ as_dtype(self.lokr_w1_b, dtype)
 
-    def w2(self) -> torch.Tensor:
-        """Right factor ``(out_r, in_r, *k)``."""
+    def w2(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Right factor ``(out_r, in_r, *k)`` in ``dtype`` (default: the parameters')."""
         p = self.plan
         if p.use_w2:
-            return self.lokr_w2
+            return as_dtype(self.lokr_w2, dtype)
+        a, b = as_dtype(self.lokr_w2_a, dtype), as_dtype(self.lokr_w2_b, dtype)
         if p.use_cp:
-            return cp_rebuild(self.lokr_t2, self.lokr_w2_a, self.lokr_w2_b)
-        return (self.lokr_w2_a @ self.lokr_w2_b).reshape(p.out_r, p.in_r, *p.kernel)
+            return cp_rebuild(as_dtype(self.lokr_t2, dtype), a, b)
+        return (a @ b).reshape(p.out_r, p.in_r, *p.kernel)
 
-    def delta_weight(self) -> torch.Tensor:
-        return make_kron(self.w1(), self.w2())
+    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return make_kron(self.w1(dtype), self.w2(dtype))
 
     # The factored path runs three more kernels than the dense one (two transposed copies, one matmul).
     FACTORED_EXTRA_OPS = 3
 
-    def path_costs(self, n_rows: int, device_type: str = "cpu") -> tuple[float, float]:
-        """Cost ``(dense, factored)`` in multiply-adds for ``n_rows`` input rows of a linear-like layer,
-        the factored side including its extra kernel calls (:func:`lyco.ops.paths.op_overhead`)."""
+    def _w1_build(self) -> int:
         p = self.plan
-        o, i = p.out_features, p.in_features
-        w1_build = 0 if p.use_w1 else p.out_l * p.in_l * p.r
+        return 0 if p.use_w1 else p.out_l * p.in_l * p.r
+
+    def build_cost(self) -> float:
+        """Low-rank factor products plus the ``o·i`` Kronecker product (linear-like layers)."""
+        p = self.plan
         w2_build = 0 if p.use_w2 else p.out_r * p.in_r * p.r
+        return self._w1_build() + w2_build + p.out_features * p.in_features
+
+    def factored_cost(self, n_rows: int, device_type: str = "cpu") -> float:
+        """``w1``'s product plus :func:`lyco.ops.kron.kron_apply_cost` per row and the extra kernel calls
+        (:func:`lyco.ops.paths.op_overhead`)."""
+        p = self.plan
         rank = None if p.use_w2 else p.r
-        factored = w1_build + n_rows * kron_apply_cost(p.out_l, p.in_l, p.out_r, p.in_r, rank)
-        factored += self.FACTORED_EXTRA_OPS * op_overhead(device_type)
-        return w1_build + w2_build + o * i + n_rows * o * i, factored
+        per_row = kron_apply_cost(p.out_l, p.in_l, p.out_r, p.in_r, rank)
+        return self._w1_build() + n_rows * per_row + self.FACTORED_EXTRA_OPS * op_overhead(device_type)
 
     def factored_delta(self, x: torch.Tensor) -> torch.Tensor:
-        w1 = self.w1().to(x.dtype)
+        w1 = self.w1(x.dtype)
         if self.plan.use_w2:
             return kron_apply(x, w1, self.lokr_w2.to(x.dtype))
         return kron_apply(x, w1, None, self.lokr_w2_a.to(x.dtype), self.lokr_w2_b.to(x.dtype))

@@ -32,8 +32,12 @@ class _HadaWeight(torch.autograd.Function):
 def hada_delta(
     hada_w1_a: torch.Tensor, hada_w1_b: torch.Tensor, hada_w2_a: torch.Tensor, hada_w2_b: torch.Tensor
 ) -> torch.Tensor:
-    """``(w1_a (o, r) @ w1_b (r, i)) ⊙ (w2_a (o, r) @ w2_b (r, i))`` → ``(o, i)``, memory-lean backward."""
-    return _HadaWeight.apply(hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b)
+    """``(w1_a (o, r) @ w1_b (r, i)) ⊙ (w2_a (o, r) @ w2_b (r, i))`` → ``(o, i)``, memory-lean backward
+    (plain formula when no gradient is needed: the custom function's call overhead buys nothing then)."""
+    ws = (hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b)
+    if not (torch.is_grad_enabled() and any(w.requires_grad for w in ws)):
+        return (hada_w1_a @ hada_w1_b) * (hada_w2_a @ hada_w2_b)
+    return _HadaWeight.apply(*ws)
 
 
 def _cp_grads(grad: torch.Tensor, t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor):
@@ -74,7 +78,10 @@ def hada_delta_cp(
     hada_w2_b: torch.Tensor,
 ) -> torch.Tensor:
     """CP LoHa: ``cp(t1 (r, r, *k), w1_a (r, o), w1_b (r, i)) ⊙ cp(t2, w2_a, w2_b)`` → ``(o, i, *k)``."""
-    return _HadaWeightCP.apply(hada_t1, hada_w1_a, hada_w1_b, hada_t2, hada_w2_a, hada_w2_b)
+    ws = (hada_t1, hada_w1_a, hada_w1_b, hada_t2, hada_w2_a, hada_w2_b)
+    if not (torch.is_grad_enabled() and any(w.requires_grad for w in ws)):
+        return cp_rebuild(hada_t1, hada_w1_a, hada_w1_b) * cp_rebuild(hada_t2, hada_w2_a, hada_w2_b)
+    return _HadaWeightCP.apply(*ws)
 
 
 def hada_delta_naive(hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b, hada_t1=None, hada_t2=None) -> torch.Tensor:

@@ -60,15 +60,17 @@ def layer_spec(module: nn.Module) -> LayerSpec | None:
 SUPPORTED_LAYERS = "nn.Linear, nn.Conv1d, nn.Conv2d, transformers Conv1D"
 
 
-def apply_weight(module: nn.Module, spec: LayerSpec, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``module``'s operation with ``weight`` (canonical layout) instead of its own, no bias.
+def apply_weight(
+    module: nn.Module, spec: LayerSpec, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``module``'s operation with ``weight`` (canonical layout) instead of its own, plus ``bias`` if given.
 
     Linear: ``x (..., in) → (..., out)``; conv: ``x (N, C_in, *spatial) → (N, out, *spatial')`` with the
     module's stride, padding (incl. ``padding_mode``), dilation and groups.
     """
     if spec.kind == "conv":
-        return module._conv_forward(x, weight, None)  # type: ignore[operator]
-    return F.linear(x, weight)
+        return module._conv_forward(x, weight, bias)  # type: ignore[operator]
+    return F.linear(x, weight, bias)
 
 
 def base_weight(module: nn.Module) -> torch.Tensor:

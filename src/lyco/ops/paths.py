@@ -36,6 +36,20 @@ def forced_path() -> str:
     return path
 
 
+def call_costs(build: float, factored: float, dense_apply: float, *, grad: bool, fused: bool) -> tuple[float, float]:
+    """Cost ``(dense, factored)`` of one adapter call, forward plus backward when ``grad``.
+
+    ``build``: multiply-adds to build ``ΔW``; ``factored``: the factored path's forward; ``dense_apply``:
+    applying ``ΔW`` to the rows (``rows·o·i``). ``fused``: the dense ``ΔW`` is added to the base weight and
+    applied by the base layer's own matmul, so it costs no apply in the forward and only the weight
+    gradient (``rows·o·i``) in backward; unfused, the apply runs three times (forward, input gradient,
+    weight gradient). Backward of a build or of the factored path costs about twice its forward.
+    """
+    if grad:
+        return 3 * build + (1 if fused else 3) * dense_apply, 3 * factored
+    return build + (0 if fused else dense_apply), factored
+
+
 def choose_path(dense_cost: float, factored_cost: float, override: str | None = None) -> str:
     """``"dense"`` or ``"factored"``: ``override`` or ``LYCO_PATH`` if set, else the cheaper one.
 
