@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import ConfigError, MergeError, ShapeMismatchError, StateError, UnsupportedLayerError
 from ..ops.layerops import SUPPORTED_LAYERS, LayerSpec, apply_weight, from_canonical, layer_spec
-from ..ops.paths import call_costs, choose_path
+from ..ops.paths import call_costs, choose_path, element_cost
 
 META = torch.device("meta")
 
@@ -197,18 +197,20 @@ class Adapter(nn.Module, ABC):
         """Unscaled ``ΔW`` with shape ``spec.weight_shape``, built in ``dtype`` (the parameters are cast
         first, so gradients still reach them in their own dtype); ``None``: the parameters' dtype."""
 
-    def build_cost(self) -> float:
-        """Multiply-adds to build ``ΔW`` (used against :meth:`factored_cost` when that is not None)."""
-        return math.prod(self.spec.weight_shape) * self.r
+    def build_cost(self, device_type: str = "cpu") -> float:
+        """Cost of building ``ΔW``: multiply-adds plus the elements of the ``ΔW``-sized tensors it writes
+        (:func:`lyco.ops.paths.element_cost`); compared with :meth:`factored_cost` when that is not None."""
+        return math.prod(self.spec.weight_shape) * (self.r + element_cost(device_type))
 
     def factored_cost(self, n_rows: int, device_type: str = "cpu") -> float | None:
         """Forward cost of ``factored_delta`` on ``n_rows`` rows of a linear-like layer (multiply-adds plus
         kernel-call overheads, see :mod:`lyco.ops.paths`), or ``None`` when the method has no factored path."""
         return None
 
-    def factored_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """Unscaled ``ΔW · x`` for ``x (..., in)`` without building ``ΔW``, in ``x``'s dtype (when
-        :meth:`factored_cost` is not None)."""
+    def factored_delta(self, x: torch.Tensor, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+        """``scale · ΔW · x`` for ``x (..., in)`` without building ``ΔW``, in ``x``'s dtype (when
+        :meth:`factored_cost` is not None). ``scale``: a number or a ``(1,)`` tensor; fold it into a small
+        factor rather than the output."""
         raise NotImplementedError
 
     def path_costs(
@@ -219,8 +221,9 @@ class Adapter(nn.Module, ABC):
         factored = self.factored_cost(n_rows, device_type)
         if factored is None:
             return None
-        apply = n_rows * math.prod(self.spec.weight_shape)
-        return call_costs(self.build_cost(), factored, apply, grad=grad, fused=fused)
+        size = math.prod(self.spec.weight_shape)
+        build = self.build_cost(device_type) + (element_cost(device_type) * size if fused else 0)  # W + ΔW
+        return call_costs(build, factored, n_rows * size, grad=grad, fused=fused)
 
     def select_path(self, n_rows: int, device_type: str, *, grad: bool = False, fused: bool = False) -> str:
         """``"dense"`` or ``"factored"`` for one call: conv layers and methods without a factored path are
@@ -320,6 +323,21 @@ def _along(factor: float | torch.Tensor, ndim: int, dim: int) -> float | torch.T
     return factor.view(shape)
 
 
+def _combine(entries: list[tuple[torch.Tensor, float | torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, float]:
+    """``(ΔW, alpha)`` with ``alpha·ΔW = Σ scale·mask·ΔW_i`` for canonical deltas, their scales (a number or a
+    ``(1,)`` tensor) and rank-dropout masks (``(out,)`` or None); a lone number stays an ``alpha``, so the
+    caller can fold it into ``torch.add(W, ΔW, alpha=)`` instead of writing a scaled copy."""
+    if len(entries) == 1 and not isinstance(entries[0][1], torch.Tensor) and entries[0][2] is None:
+        return entries[0][0], entries[0][1]
+    total: torch.Tensor | None = None
+    for delta, scale, mask in entries:
+        factor = scale if mask is None else mask * scale
+        delta = delta * _along(factor, delta.dim(), 0)
+        total = delta if total is None else total + delta.to(total.dtype)
+    assert total is not None
+    return total, 1.0
+
+
 class AdaptedLayer(nn.Module):
     """Wraps a base layer (kept as ``base_layer``) and holds its adapters by name.
 
@@ -384,28 +402,30 @@ class AdaptedLayer(nn.Module):
         fuse = not args and not kwargs and self.can_fuse(x)
         grad = torch.is_grad_enabled()
         n_rows = x.numel() // max(self.spec.in_features, 1)
-        dense: torch.Tensor | None = None
+        dense: list[tuple[torch.Tensor, float | torch.Tensor, torch.Tensor | None]] = []
         factored: list[torch.Tensor] = []
         for name in names:
             adapter = self._materialised(name)
             dtype = self.resolve_compute_dtype(x, adapter)
-            factor = self._factor(adapter, x.device, dtype)
+            scale, mask = self._factors(adapter, x.device, dtype)
             path = adapter.select_path(n_rows, x.device.type, grad=grad and adapter.requires_grad, fused=fuse)
             if path == "factored":
-                out = adapter.factored_delta(x.to(dtype))
-                factored.append(out * _along(factor, out.dim(), self.spec.channel_dim(out.dim())))
+                out = adapter.factored_delta(x.to(dtype), scale)
+                factored.append(out if mask is None else out * _along(mask, out.dim(), self.spec.channel_dim(out.dim())))
             else:
-                delta = adapter.delta_weight(dtype)
-                delta = delta * _along(factor, delta.dim(), 0)
-                dense = delta if dense is None else dense + delta.to(dense.dtype)
-        if dense is None:
-            result = self.base_layer(x, *args, **kwargs)
-        elif fuse:
-            weight = self.base_layer.weight
-            result = apply_weight(self.base_layer, self.spec, x, weight + dense.to(weight.dtype), self.base_layer.bias)
+                dense.append((adapter.delta_weight(dtype), scale, mask))
+        base = self._modules["base_layer"]
+        if not dense:
+            result = base(x, *args, **kwargs)
         else:
-            result = self.base_layer(x, *args, **kwargs)
-            result = result + apply_weight(self.base_layer, self.spec, x.to(dense.dtype), dense).to(result.dtype)
+            delta, alpha = _combine(dense)
+            if fuse:  # one matmul/conv with W + alpha·ΔW
+                weight = base.weight
+                result = apply_weight(base, self.spec, x, torch.add(weight, delta.to(weight.dtype), alpha=alpha), base.bias)
+            else:
+                result = base(x, *args, **kwargs)
+                delta = delta if alpha == 1 else delta * alpha
+                result = result + apply_weight(base, self.spec, x.to(delta.dtype), delta).to(result.dtype)
         for out in factored:
             result = result + out.to(result.dtype)
         return result
@@ -439,31 +459,20 @@ class AdaptedLayer(nn.Module):
             return False
         return not _global_hooks() and not torch.is_autocast_enabled(x.device.type)
 
-    def _factor(self, adapter: Adapter, device: torch.device, dtype: torch.dtype) -> float | torch.Tensor:
-        """``scaling``, times the rank-dropout keep-mask ``(out,)`` and the module-dropout 0/1 factor ``(1,)``
-        in training. The 0/1 factor is a tensor, not a Python branch: no host sync, no torch.compile graph
-        break, and every parameter stays in the graph (DDP needs no find_unused_parameters)."""
-        factor: float | torch.Tensor = adapter.scaling
+    def _factors(
+        self, adapter: Adapter, device: torch.device, dtype: torch.dtype
+    ) -> tuple[float | torch.Tensor, torch.Tensor | None]:
+        """``(scale, mask)`` of one adapter for this forward: ``scale`` is ``scaling``, in training times the
+        module-dropout 0/1 factor ``(1,)``; ``mask`` the rank-dropout keep-mask ``(out,)`` (training) or None.
+        The 0/1 factor is a tensor, not a Python branch: no host sync, no torch.compile graph break, and
+        every parameter stays in the graph (DDP needs no find_unused_parameters)."""
+        scale: float | torch.Tensor = adapter.scaling
+        mask = None
         if self.training and adapter.rank_dropout > 0:
             mask = rank_dropout_mask(self.spec.out_features, adapter.rank_dropout, adapter.rank_dropout_scale, device, dtype)
-            factor = mask * factor
         if self.training and adapter.module_dropout > 0:
-            factor = (torch.rand(1, device=device) > adapter.module_dropout).to(dtype) * factor
-        return factor
-
-    def delta_activations(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """``scaling · mask · ΔW·x`` of one adapter, by the path it would take (masks: training only)."""
-        adapter = self._materialised(name)
-        dtype = self.resolve_compute_dtype(x, adapter)
-        factor = self._factor(adapter, x.device, dtype)
-        x = x.to(dtype)
-        grad = torch.is_grad_enabled() and adapter.requires_grad
-        n_rows = x.numel() // max(self.spec.in_features, 1)
-        if adapter.select_path(n_rows, x.device.type, grad=grad) == "factored":
-            out = adapter.factored_delta(x)
-        else:
-            out = apply_weight(self.base_layer, self.spec, x, adapter.delta_weight(dtype))
-        return out * _along(factor, out.dim(), self.spec.channel_dim(out.dim()))
+            scale = (torch.rand(1, device=device) > adapter.module_dropout).to(dtype) * scale
+        return scale, mask
 
     def _materialised(self, name: str) -> Adapter:
         adapter = self._modules["lyco_adapters"][name]

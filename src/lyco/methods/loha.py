@@ -15,6 +15,7 @@ from torch import nn
 
 from ..ops.factorize import infer_loha_plan, plan_loha
 from ..ops.hadamard import hada_apply, hada_delta, hada_delta_cp
+from ..ops.paths import element_cost
 from .base import Adapter, AdapterConfig, as_dtype, register_method
 
 
@@ -66,9 +67,10 @@ class LoHaAdapter(Adapter):
             return hada_delta_cp(as_dtype(self.hada_t1, dtype), w1a, w1b, as_dtype(self.hada_t2, dtype), w2a, w2b)
         return hada_delta(w1a, w1b, w2a, w2b).reshape(self.plan.weight_shape)
 
-    def build_cost(self) -> float:
-        """``2·r·o·i`` for the two rank-``r`` products plus ``o·i`` for their Hadamard product."""
-        return (2 * self.r + 1) * math.prod(self.plan.weight_shape)
+    def build_cost(self, device_type: str = "cpu") -> float:
+        """``2·r·o·i`` for the two rank-``r`` products plus ``o·i`` for their Hadamard product, and three
+        ``o·i`` tensors written."""
+        return (2 * self.r + 1 + 3 * element_cost(device_type)) * math.prod(self.plan.weight_shape)
 
     def factored_cost(self, n_rows: int, device_type: str = "cpu") -> float | None:
         """Khatri-Rao factors (``r²·(o + i)``) and their application (``n·r²·(o + i)``); none for CP. Both paths
@@ -78,6 +80,6 @@ class LoHaAdapter(Adapter):
         o, i = self.plan.out_features, self.plan.in_features
         return (1 + n_rows) * self.r * self.r * (o + i)
 
-    def factored_delta(self, x: torch.Tensor) -> torch.Tensor:
-        ws = (self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b)
-        return hada_apply(x, *(w.to(x.dtype) for w in ws))
+    def factored_delta(self, x: torch.Tensor, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+        w1a = self.hada_w1_a.to(x.dtype) * scale  # (o, r): the smallest place to apply the scale
+        return hada_apply(x, w1a, *(w.to(x.dtype) for w in (self.hada_w1_b, self.hada_w2_a, self.hada_w2_b)))

@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..ops.factorize import infer_lokr_plan, plan_lokr
 from ..ops.kron import kron_apply, kron_apply_cost, make_kron
-from ..ops.paths import op_overhead
+from ..ops.paths import element_cost, op_overhead
 from ..ops.tucker import cp_rebuild
 from .base import Adapter, AdapterConfig, as_dtype, register_method
 
@@ -108,22 +108,22 @@ class LoKrAdapter(Adapter):
         p = self.plan
         return 0 if p.use_w1 else p.out_l * p.in_l * p.r
 
-    def build_cost(self) -> float:
-        """Low-rank factor products plus the ``o·i`` Kronecker product (linear-like layers)."""
+    def build_cost(self, device_type: str = "cpu") -> float:
+        """Low-rank factor products plus the ``o·i`` Kronecker product it writes (linear-like layers)."""
         p = self.plan
         w2_build = 0 if p.use_w2 else p.out_r * p.in_r * p.r
-        return self._w1_build() + w2_build + p.out_features * p.in_features
+        return self._w1_build() + w2_build + (1 + element_cost(device_type)) * p.out_features * p.in_features
 
     def factored_cost(self, n_rows: int, device_type: str = "cpu") -> float:
         """``w1``'s product plus :func:`lyco.ops.kron.kron_apply_cost` per row and the extra kernel calls
         (:func:`lyco.ops.paths.op_overhead`)."""
         p = self.plan
         rank = None if p.use_w2 else p.r
-        per_row = kron_apply_cost(p.out_l, p.in_l, p.out_r, p.in_r, rank)
+        per_row = kron_apply_cost(p.out_l, p.in_l, p.out_r, p.in_r, rank, device_type)
         return self._w1_build() + n_rows * per_row + self.FACTORED_EXTRA_OPS * op_overhead(device_type)
 
-    def factored_delta(self, x: torch.Tensor) -> torch.Tensor:
-        w1 = self.w1(x.dtype)
+    def factored_delta(self, x: torch.Tensor, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+        w1 = self.w1(x.dtype) * scale  # (out_l, in_l): the smallest place to apply the scale
         if self.plan.use_w2:
             return kron_apply(x, w1, self.lokr_w2.to(x.dtype))
         return kron_apply(x, w1, None, self.lokr_w2_a.to(x.dtype), self.lokr_w2_b.to(x.dtype))

@@ -36,7 +36,7 @@ def hada_delta(
     (plain formula when no gradient is needed: the custom function's call overhead buys nothing then)."""
     ws = (hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b)
     if not (torch.is_grad_enabled() and any(w.requires_grad for w in ws)):
-        return (hada_w1_a @ hada_w1_b) * (hada_w2_a @ hada_w2_b)
+        return (hada_w1_a @ hada_w1_b).mul_(hada_w2_a @ hada_w2_b)  # in place on a fresh product
     return _HadaWeight.apply(*ws)
 
 

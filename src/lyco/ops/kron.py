@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .amp import autocast_state
-from .paths import ELEMENT_COST
+from .paths import element_cost
 
 
 def make_kron(lokr_w1: torch.Tensor, lokr_w2: torch.Tensor) -> torch.Tensor:
@@ -35,45 +35,59 @@ def _apply_w2_t(t: torch.Tensor, w2: torch.Tensor | None, w2_a: torch.Tensor | N
     return t @ w2 if w2 is not None else (t @ w2_a) @ w2_b
 
 
-def _left(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``w (p, q)`` on the second-to-last dim: ``t (m, q, k) → (m, p, k)``, one folded matmul.
+def _apply_w1(t: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
+    """``w1 (p, q)`` on dim 1: ``t (m, q, k) → (m, p, k)`` as one ``bmm`` with ``w1`` broadcast (stride 0).
 
-    F.linear on a contiguous transposed copy: on a strided view, matmul's folding depends on
-    ``requires_grad``, so a trainable and a frozen copy of one adapter would round differently.
+    No transposed copies, and unlike ``torch.matmul`` the kernel does not depend on ``requires_grad``
+    (matmul folds differently then), so a trainable and a frozen copy of an adapter round alike.
     """
-    return F.linear(t.mT.contiguous(), w).mT.contiguous()
+    return torch.bmm(w1.expand(t.shape[0], *w1.shape), t)
 
 
 class _KronApply(torch.autograd.Function):
-    """``y = vec(w1 X w2ᵀ)`` per row; saves only ``x`` and the factors (no ``(rows, ·)`` intermediates),
-    recomputing in backward: ``∂X = w1ᵀ G w2``, ``∂w1 = Σ G w2 Xᵀ``, ``∂w2 = Σ Gᵀ w1 X``."""
+    """``Y = w1 X w2ᵀ`` per row ``X (in_l, in_r)``; saves only ``x`` and the factors (no ``(rows, ·)``
+    intermediates) and recomputes the one it needs in backward: ``∂X = w1ᵀ G w2``, ``∂w1 = Σ G w2 Xᵀ``,
+    ``∂w2 = Σ Gᵀ w1 X``. Every product is a plain matmul on the last dim or a broadcast ``bmm``."""
 
     @staticmethod
     def forward(ctx, xs, w1, w2, w2_a, w2_b, right_first):  # type: ignore[override]
         ctx.save_for_backward(xs, w1, w2, w2_a, w2_b)
         ctx.amp = autocast_state(xs.device.type)
+        ctx.right_first = right_first
         if right_first:
-            return _left(_apply_w2(xs, w2, w2_a, w2_b), w1)
-        return _apply_w2(_left(xs, w1), w2, w2_a, w2_b)
+            return _apply_w1(_apply_w2(xs, w2, w2_a, w2_b), w1)
+        return _apply_w2(_apply_w1(xs, w1), w2, w2_a, w2_b)
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         xs, w1, w2, w2_a, w2_b = ctx.saved_tensors
         with torch.autocast(**ctx.amp):  # backward runs outside autocast: re-enter the forward's state
-            return _KronApply._grads(ctx, g, xs, w1, w2, w2_a, w2_b)
+            return _KronApply._grads(ctx, g.contiguous(), xs, w1, w2, w2_a, w2_b)
 
     @staticmethod
     def _grads(ctx, g, xs, w1, w2, w2_a, w2_b):
-        # Transposed copies are made once and shared; every contraction is then one plain matmul.
-        out_l, in_l = w1.shape
-        gw2_t = _apply_w2_t(g, w2, w2_a, w2_b).mT.contiguous()  # (m, in_r, out_l) = (G w2)ᵀ
-        xs_t = xs.mT.contiguous()  # (m, in_r, in_l) = Xᵀ
-        grad_x = (gw2_t @ w1).mT if ctx.needs_input_grad[0] else None  # w1ᵀ G w2
-        grad_w1 = gw2_t.reshape(-1, out_l).mT @ xs_t.reshape(-1, in_l) if ctx.needs_input_grad[1] else None
+        need_x, need_w1 = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_w2 = any(ctx.needs_input_grad[2:5])
+        out_r, in_r = g.shape[-1], xs.shape[-1]
+        grad_x = grad_w1 = full = None
+        if ctx.right_first:  # Z = X w2ᵀ (m, in_l, out_r), Y = w1 Z
+            g_z = _apply_w1(g, w1.mT) if need_x or need_w2 else None  # w1ᵀ G
+            if need_w1:
+                grad_w1 = torch.bmm(g, _apply_w2(xs, w2, w2_a, w2_b).mT).sum(0)
+            if need_x:
+                grad_x = _apply_w2_t(g_z, w2, w2_a, w2_b)
+            if need_w2:
+                full = g_z.reshape(-1, out_r).mT @ xs.reshape(-1, in_r)
+        else:  # Z = w1 X (m, out_l, in_r), Y = Z w2ᵀ
+            g_z = _apply_w2_t(g, w2, w2_a, w2_b)  # G w2
+            if need_x:
+                grad_x = _apply_w1(g_z, w1.mT)
+            if need_w1:
+                grad_w1 = torch.bmm(g_z, xs.mT).sum(0)
+            if need_w2:
+                full = g.reshape(-1, out_r).mT @ _apply_w1(xs, w1).reshape(-1, in_r)
         grad_w2 = grad_a = grad_b = None
-        if any(ctx.needs_input_grad[2:5]):
-            w1x = F.linear(xs_t, w1).mT.contiguous()  # (m, out_l, in_r) = w1 X
-            full = g.reshape(-1, g.shape[-1]).mT @ w1x.reshape(-1, w1x.shape[-1])  # Σ Gᵀ w1 X  (out_r, in_r)
+        if full is not None:  # Σ Gᵀ w1 X  (out_r, in_r)
             if w2 is not None:
                 grad_w2 = full
             else:
@@ -115,10 +129,13 @@ def _right_first(out_l: int, in_l: int, out_r: int, in_r: int, rank: int | None)
     return in_l * w2 + out_l * in_l * out_r <= out_l * in_l * in_r + out_l * w2
 
 
-def kron_apply_cost(out_l: int, in_l: int, out_r: int, in_r: int, rank: int | None = None) -> int:
+def kron_apply_cost(
+    out_l: int, in_l: int, out_r: int, in_r: int, rank: int | None = None, device_type: str = "cpu"
+) -> int:
     """Work of :func:`kron_apply` per input row (``rank``: ``w2`` low-rank, else full): multiply-adds plus
-    the elements its two transposed copies move, each worth :data:`lyco.ops.paths.ELEMENT_COST`."""
+    the elements of its intermediate and output, each worth :func:`lyco.ops.paths.element_cost`."""
     w2 = _w2_cost(out_r, in_r, rank)
+    elem = element_cost(device_type)
     if _right_first(out_l, in_l, out_r, in_r, rank):
-        return in_l * w2 + out_l * in_l * out_r + ELEMENT_COST * (in_l * out_r + out_l * out_r)
-    return out_l * in_l * in_r + out_l * w2 + ELEMENT_COST * (in_l * in_r + out_l * in_r)
+        return in_l * w2 + out_l * in_l * out_r + elem * (in_l * out_r + out_l * out_r)
+    return out_l * in_l * in_r + out_l * w2 + elem * (out_l * in_r + out_l * out_r)

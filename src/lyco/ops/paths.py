@@ -18,14 +18,22 @@ PATHS = ("auto", "dense", "factored")
 # CUDA: ~5 µs launch latency at tens of TFLOP/s.
 OP_OVERHEAD = {"cpu": 250_000, "cuda": 50_000_000}
 
-# Multiply-adds worth of one element moved by a copy (read + write at memory speed; thin matmuls and
-# copies are bandwidth-bound). Without it, 64-wide LoKr layers took the factored path and lost.
-ELEMENT_COST = 16
+# Multiply-adds worth of one element written to a fresh tensor or moved by a copy (bandwidth-bound, and on
+# CPU a fresh large tensor also pays page faults). CPU: without it 64-wide LoKr layers took the factored
+# path and lost, and building a 1024² LoHa ΔW (two rank-8 products, their Hadamard product, W + ΔW) took
+# 4 ms, not the 0.3 ms its multiply-adds predict. CUDA: not calibrated on a GPU yet — about 1/3 of an H100's
+# bf16 multiply-add rate per element-byte moved, rounded down.
+ELEMENT_COST = {"cpu": 16, "cuda": 64}
 
 
 def op_overhead(device_type: str) -> int:
     """Multiply-add equivalent of one extra kernel call on this device type."""
     return OP_OVERHEAD.get(device_type, OP_OVERHEAD["cuda"])
+
+
+def element_cost(device_type: str) -> int:
+    """Multiply-add equivalent of writing or copying one tensor element on this device type."""
+    return ELEMENT_COST.get(device_type, ELEMENT_COST["cuda"])
 
 
 def forced_path() -> str:
