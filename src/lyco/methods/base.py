@@ -426,8 +426,12 @@ class AdaptedLayer(nn.Module):
                 result = base(x, *args, **kwargs)
                 delta = delta if alpha == 1 else delta * alpha
                 result = result + apply_weight(base, self.spec, x.to(delta.dtype), delta).to(result.dtype)
-        for out in factored:
-            result = result + out.to(result.dtype)
+        if factored and self._plain_base() and not (dense and not fuse):
+            for out in factored:  # in place: the base's fresh output (nothing else holds it); one big tensor less
+                result.add_(out.to(result.dtype))
+        else:
+            for out in factored:
+                result = result + out.to(result.dtype)
         return result
 
     def live_adapters(self) -> list[str]:
@@ -449,15 +453,22 @@ class AdaptedLayer(nn.Module):
         (``F.linear(x, W + ΔW, b)``) instead of a second one: the base layer is a plain ``nn.Linear``/``Conv1d``/
         ``Conv2d`` whose forward nothing hooks, its weight a plain fp32/fp64 tensor in ``x``'s dtype and
         autocast is off (a low-precision ``W + ΔW`` would round away small deltas)."""
-        base = self._modules["base_layer"]
-        if not self.fuse_dense or type(base) not in _FUSABLE:
+        if not self.fuse_dense or not self._plain_base():
             return False
-        weight = base._parameters["weight"]
+        weight = self._modules["base_layer"]._parameters["weight"]
         if type(weight) not in _PLAIN or weight.dtype not in _FULL_PRECISION or x.dtype != weight.dtype:
+            return False
+        return not torch.is_autocast_enabled(x.device.type)
+
+    def _plain_base(self) -> bool:
+        """The base layer is exactly ``nn.Linear``/``Conv1d``/``Conv2d`` (no subclass with its own forward) and
+        no module hook can see its call: its output is a fresh tensor nothing else holds."""
+        base = self._modules["base_layer"]
+        if type(base) not in _FUSABLE:
             return False
         if base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks:
             return False
-        return not _global_hooks() and not torch.is_autocast_enabled(x.device.type)
+        return not _global_hooks()
 
     def _factors(
         self, adapter: Adapter, device: torch.device, dtype: torch.dtype

@@ -95,6 +95,48 @@ class _KronApply(torch.autograd.Function):
         return grad_x, grad_w1, grad_w2, grad_a, grad_b, None
 
 
+class _KronApplyLowRank(torch.autograd.Function):
+    """``Y = (w1 (X w2_bᵀ)) w2_aᵀ`` per row ``X (in_l, in_r)``: ``w1`` acts on the rank-``r`` intermediate, not
+    on an ``in_r``- or ``out_r``-wide one. The intermediates are kept rank-major — ``Tᵀ = w2_b X (r, m·in_l)``,
+    ``Uᵀ (r, m·out_l)`` — so that every product, forward and backward, is one plain 2-D matmul (no batched
+    small matmuls, no transposed copies). Saves ``x`` and the factors; recomputes ``T``/``U`` in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, xs, w1, w2_a, w2_b):  # type: ignore[override]
+        ctx.save_for_backward(xs, w1, w2_a, w2_b)
+        ctx.amp = autocast_state(xs.device.type)
+        m, out_l, rank = xs.shape[0], w1.shape[0], w2_a.shape[1]
+        u_t = _u_t(xs, w1, w2_b)  # (r·m, out_l)
+        return (u_t.view(rank, m * out_l).mT @ w2_a.mT).view(m, out_l, -1)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        xs, w1, w2_a, w2_b = ctx.saved_tensors
+        with torch.autocast(**ctx.amp):
+            need_x, need_w1, need_a, need_b = ctx.needs_input_grad
+            m, in_l, in_r = xs.shape
+            out_l, rank = w1.shape[0], w2_a.shape[1]
+            g2 = g.reshape(m * out_l, -1)  # (m·out_l, out_r)
+            x2 = xs.reshape(m * in_l, in_r)
+            gu_t = w2_a.mT @ g2.mT  # (r, m·out_l)
+            grad_a = g2.mT @ _u_t(xs, w1, w2_b).view(rank, m * out_l).mT if need_a else None
+            grad_w1 = gu_t.view(rank * m, out_l).mT @ (w2_b @ x2.mT).view(rank * m, in_l) if need_w1 else None
+            grad_x = grad_b = None
+            if need_x or need_b:
+                gt_t = (gu_t.view(rank * m, out_l) @ w1).view(rank, m * in_l)  # (r, m·in_l)
+                grad_x = (gt_t.mT @ w2_b).view(m, in_l, in_r) if need_x else None
+                grad_b = gt_t @ x2 if need_b else None
+            return grad_x, grad_w1, grad_a, grad_b
+
+
+def _u_t(xs: torch.Tensor, w1: torch.Tensor, w2_b: torch.Tensor) -> torch.Tensor:
+    """``(w1 X w2_bᵀ)`` of every row, rank-major: ``(r·m, out_l)``."""
+    m, in_l, in_r = xs.shape
+    t_t = w2_b @ xs.reshape(m * in_l, in_r).mT  # (r, m·in_l)
+    return t_t.view(-1, in_l) @ w1.mT
+
+
 def kron_apply(
     x: torch.Tensor,
     lokr_w1: torch.Tensor,
@@ -105,8 +147,9 @@ def kron_apply(
     """``x (..., in_l·in_r) → (..., out_l·out_r)`` times ``kron(w1, w2)`` without building it.
 
     ``kron(w1, w2)·vec(X) = vec(w1 X w2ᵀ)`` with ``X (in_l, in_r)`` per row. ``w1 (out_l, in_l)``; ``w2 (out_r,
-    in_r)`` full or as ``w2_a (out_r, r) @ w2_b (r, in_r)`` (applied as two thin products). The side
-    with fewer multiply-adds goes first. Backward saves ``x`` and the factors only.
+    in_r)`` full or as ``w2_a (out_r, r) @ w2_b (r, in_r)``. The order with the fewest multiply-adds runs
+    (:func:`kron_order`): ``w2`` first, ``w1`` first, or for a low-rank ``w2`` ``w1`` in the middle, on the
+    rank-``r`` intermediate. Backward saves ``x`` and the factors only.
     """
     out_l, in_l = lokr_w1.shape
     low_rank = lokr_w2 is None
@@ -115,8 +158,11 @@ def kron_apply(
     rank = lokr_w2_a.shape[1] if low_rank else None
     lead = x.shape[:-1]
     xs = x.reshape(-1, in_l, in_r)
-    right_first = _right_first(out_l, in_l, out_r, in_r, rank)
-    y = _KronApply.apply(xs, lokr_w1, lokr_w2, lokr_w2_a, lokr_w2_b, right_first)
+    order = kron_order(out_l, in_l, out_r, in_r, rank)
+    if order == "middle":
+        y = _KronApplyLowRank.apply(xs, lokr_w1, lokr_w2_a, lokr_w2_b)
+    else:
+        y = _KronApply.apply(xs, lokr_w1, lokr_w2, lokr_w2_a, lokr_w2_b, order == "right")
     return y.reshape(*lead, out_l * out_r)
 
 
@@ -124,9 +170,23 @@ def _w2_cost(out_r: int, in_r: int, rank: int | None) -> int:
     return in_r * out_r if rank is None else rank * (in_r + out_r)
 
 
-def _right_first(out_l: int, in_l: int, out_r: int, in_r: int, rank: int | None) -> bool:
+def _order_costs(out_l: int, in_l: int, out_r: int, in_r: int, rank: int | None) -> dict[str, tuple[int, int]]:
+    """Per row and order: (multiply-adds, elements written to intermediates and the output)."""
     w2 = _w2_cost(out_r, in_r, rank)
-    return in_l * w2 + out_l * in_l * out_r <= out_l * in_l * in_r + out_l * w2
+    costs = {
+        "right": (in_l * w2 + out_l * in_l * out_r, in_l * out_r + out_l * out_r),
+        "left": (out_l * in_l * in_r + out_l * w2, out_l * in_r + out_l * out_r),
+    }
+    if rank is not None:
+        costs["middle"] = (rank * (in_l * in_r + out_l * in_l + out_l * out_r), rank * (in_l + out_l) + out_l * out_r)
+    return costs
+
+
+def kron_order(out_l: int, in_l: int, out_r: int, in_r: int, rank: int | None = None) -> str:
+    """``"right"`` (``X w2ᵀ`` first), ``"left"`` (``w1 X`` first) or ``"middle"`` (low-rank ``w2`` only:
+    ``w1`` on ``X w2_bᵀ``), whichever has the fewest multiply-adds (ties: the earlier of middle, right)."""
+    costs = _order_costs(out_l, in_l, out_r, in_r, rank)
+    return min(("middle", "right", "left"), key=lambda o: costs[o][0] if o in costs else float("inf"))
 
 
 def kron_apply_cost(
@@ -134,8 +194,5 @@ def kron_apply_cost(
 ) -> int:
     """Work of :func:`kron_apply` per input row (``rank``: ``w2`` low-rank, else full): multiply-adds plus
     the elements of its intermediate and output, each worth :func:`lyco.ops.paths.element_cost`."""
-    w2 = _w2_cost(out_r, in_r, rank)
-    elem = element_cost(device_type)
-    if _right_first(out_l, in_l, out_r, in_r, rank):
-        return in_l * w2 + out_l * in_l * out_r + elem * (in_l * out_r + out_l * out_r)
-    return out_l * in_l * in_r + out_l * w2 + elem * (out_l * in_r + out_l * out_r)
+    macs, elements = _order_costs(out_l, in_l, out_r, in_r, rank)[kron_order(out_l, in_l, out_r, in_r, rank)]
+    return macs + element_cost(device_type) * elements
