@@ -200,3 +200,34 @@ def test_set_compute_dtype_rejects_unknown():
         model.set_compute_dtype("fp8")
     with pytest.raises(lyco.ConfigError, match="compute_dtype"):
         model.set_compute_dtype(torch.int8)
+
+
+@pytest.mark.parametrize("trainable_base", [False, True])
+def test_lokr_fused_with_the_base_linear(monkeypatch, trainable_base):
+    """LoKr (low-rank w2, "middle" order) on the factored path is fused with a plain Linear base into one
+    node (``LoKrAdapter.fused_linear``): same outputs and gradients as base + factored delta, also with a
+    second adapter, module dropout and a trainable base weight."""
+    monkeypatch.setenv("LYCO_PATH", "factored")
+    cfg = dict(r=2, alpha=3, target_modules=["layer"], init_weights=False, module_dropout=0.4)
+    model, layer = adapt("linear", lyco.LoKrConfig(**cfg))
+    model.add_adapter("other", lyco.LoHaConfig(**cfg))
+    model.set_adapter(["default", "other"])
+    if trainable_base:
+        layer.base_layer.weight.requires_grad_(True)
+        layer.base_layer.bias.requires_grad_(True)
+    adapter = layer.lyco_adapters["default"]
+    calls = []
+    original = adapter.fused_linear
+    adapter.fused_linear = lambda *a: calls.append(1) or original(*a)
+    model.train()
+    x = make_input("linear")
+    for seed in range(4):
+        out_f, gx_f, g_f = _forward_and_grads(model, x, fuse=True, seed=seed)
+        out_u, gx_u, g_u = _forward_and_grads(model, x, fuse=False, seed=seed)
+        torch.testing.assert_close(out_f, out_u, atol=TOL, rtol=TOL)
+        torch.testing.assert_close(gx_f, gx_u, atol=TOL, rtol=TOL)
+        assert g_f.keys() == g_u.keys()
+        assert ("model.layer.base_layer.weight" in g_f) is trainable_base
+        for name in g_u:
+            torch.testing.assert_close(g_f[name], g_u[name], atol=TOL, rtol=TOL, msg=name)
+    assert len(calls) == 4  # fused_linear ran (and returned a result) in every fused forward

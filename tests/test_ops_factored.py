@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lyco.ops.hadamard import hada_apply, hada_delta_naive
-from lyco.ops.kron import _KronApply, kron_apply, make_kron
+from lyco.ops.kron import _KronApply, _KronApplyLowRank, kron_apply, kron_order, linear_kron_apply, make_kron
 
 F64 = torch.float64
 TOL = 1e-10  # float64
@@ -37,6 +39,55 @@ def test_kron_apply_both_orders_gradcheck(right_first, rank):
     dense = x.reshape(6, -1) @ make_kron(w1, w2).T
     got = f(x, w1, *w2_parts).reshape(6, -1)
     torch.testing.assert_close(got, dense, atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_kron_low_rank_middle_order_gradcheck(with_base):
+    """The "middle" order, alone and fused with a (here trainable) base linear: every input's gradient."""
+    torch.manual_seed(0)
+    out_l, in_l, out_r, in_r, rank, m = 3, 2, 4, 5, 2, 6
+    x, w1, a, b = _rand(m, in_l * in_r), _rand(out_l, in_l), _rand(out_r, rank), _rand(rank, in_r)
+    base = (_rand(out_l * out_r, in_l * in_r), _rand(out_l * out_r)) if with_base else (None, None)
+    inputs = (x, w1, a, b, *[t for t in base if t is not None])
+
+    def f(x, w1, a, b, *wb):
+        return _KronApplyLowRank.apply(x, w1, a, b, *(wb or (None, None)))
+
+    assert torch.autograd.gradcheck(f, inputs)
+    want = x @ make_kron(w1, a @ b).T
+    if with_base:
+        want = want + torch.nn.functional.linear(x, *base)
+    torch.testing.assert_close(f(*inputs), want, atol=TOL, rtol=TOL)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    out_l=st.integers(1, 5), in_l=st.integers(1, 5), out_r=st.integers(1, 6), in_r=st.integers(1, 6),
+    rank=st.integers(1, 4), lead=st.lists(st.integers(1, 3), min_size=0, max_size=2), frozen=st.booleans(),
+)  # fmt: skip
+def test_linear_kron_apply_matches_formula(out_l, in_l, out_r, in_r, rank, lead, frozen):
+    """Base linear + LoKr term in one node == F.linear + x·kron(w1, w2_a w2_b)ᵀ: outputs and gradients."""
+    g = torch.Generator().manual_seed(out_l * 1000 + in_l * 100 + out_r * 10 + in_r)
+    ts = [torch.randn(*s, generator=g, dtype=F64) for s in
+          ((*lead, in_l * in_r), (out_l * out_r, in_l * in_r), (out_l * out_r,), (out_l, in_l), (out_r, rank), (rank, in_r))]  # fmt: skip
+    for i, t in enumerate(ts):
+        t.requires_grad_(not (frozen and i in (1, 2)))
+    x, w, bias, w1, a, b = ts
+    got = linear_kron_apply(x, w, bias, w1, a, b)
+    want = torch.nn.functional.linear(x, w, bias) + x @ make_kron(w1, a @ b).T
+    torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
+    up = torch.randn(got.shape, generator=g, dtype=F64)
+    grads = torch.autograd.grad((got * up).sum(), [t for t in ts if t.requires_grad])
+    wants = torch.autograd.grad((want * up).sum(), [t for t in ts if t.requires_grad])
+    for gg, ww in zip(grads, wants, strict=True):
+        torch.testing.assert_close(gg, ww, atol=TOL, rtol=TOL)
+
+
+def test_kron_order_picks_fewest_multiply_adds():
+    assert kron_order(32, 32, 32, 32, 8) == "middle"  # 24.6k vs 48k per row
+    assert kron_order(32, 32, 32, 32, None) == "right"  # tie: right first
+    assert kron_order(2, 64, 64, 64, None) == "left"  # w1 shrinks 64 → 2 first
+    assert kron_order(2, 64, 64, 64, 64) in ("left", "middle")
 
 
 def _saved_storages(fn) -> set[int]:

@@ -213,6 +213,14 @@ class Adapter(nn.Module, ABC):
         factor rather than the output."""
         raise NotImplementedError
 
+    def fused_linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float | torch.Tensor
+    ) -> torch.Tensor | None:
+        """``F.linear(x, weight, bias) + scale · ΔW · x`` as one step (a plain ``nn.Linear`` base, everything in
+        ``x``'s dtype, no autocast), when the method can do better than two separate ones; ``None``: it cannot
+        (the default), and the layer adds :meth:`factored_delta` to the base output instead."""
+        return None
+
     def path_costs(
         self, n_rows: int, device_type: str = "cpu", *, grad: bool = False, fused: bool = False
     ) -> tuple[float, float] | None:
@@ -403,21 +411,19 @@ class AdaptedLayer(nn.Module):
         grad = torch.is_grad_enabled()
         n_rows = x.numel() // max(self.spec.in_features, 1)
         dense: list[tuple[torch.Tensor, float | torch.Tensor, torch.Tensor | None]] = []
-        factored: list[torch.Tensor] = []
+        factored: list[tuple[Adapter, torch.dtype, float | torch.Tensor, torch.Tensor | None]] = []
         for name in names:
             adapter = self._materialised(name)
             dtype = self.resolve_compute_dtype(x, adapter)
             scale, mask = self._factors(adapter, x.device, dtype)
             path = adapter.select_path(n_rows, x.device.type, grad=grad and adapter.requires_grad, fused=fuse)
             if path == "factored":
-                out = adapter.factored_delta(x.to(dtype), scale)
-                factored.append(out if mask is None else out * _along(mask, out.dim(), self.spec.channel_dim(out.dim())))
+                factored.append((adapter, dtype, scale, mask))
             else:
                 dense.append((adapter.delta_weight(dtype), scale, mask))
         base = self._modules["base_layer"]
-        if not dense:
-            result = base(x, *args, **kwargs)
-        else:
+        result = None
+        if dense:
             delta, alpha = _combine(dense)
             if fuse:  # one matmul/conv with W + alpha·ΔW
                 weight = base.weight
@@ -426,12 +432,19 @@ class AdaptedLayer(nn.Module):
                 result = base(x, *args, **kwargs)
                 delta = delta if alpha == 1 else delta * alpha
                 result = result + apply_weight(base, self.spec, x.to(delta.dtype), delta).to(result.dtype)
-        if factored and self._plain_base() and not (dense and not fuse):
-            for out in factored:  # in place: the base's fresh output (nothing else holds it); one big tensor less
-                result.add_(out.to(result.dtype))
-        else:
-            for out in factored:
-                result = result + out.to(result.dtype)
+        elif fuse and self.spec.kind == "linear" and factored[0][1] == x.dtype and factored[0][3] is None:
+            adapter, _, scale, _ = factored[0]
+            result = adapter.fused_linear(x, base.weight, base.bias, scale)  # base + adapter in one node, or None
+            if result is not None:
+                factored = factored[1:]
+        if result is None:
+            result = base(x, *args, **kwargs)
+        in_place = self._plain_base() and not (dense and not fuse)  # the result is a fresh tensor only we hold
+        for adapter, dtype, scale, mask in factored:
+            out = adapter.factored_delta(x.to(dtype), scale)
+            if mask is not None:
+                out = out * _along(mask, out.dim(), self.spec.channel_dim(out.dim()))
+            result = result.add_(out.to(result.dtype)) if in_place else result + out.to(result.dtype)
         return result
 
     def live_adapters(self) -> list[str]:

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..ops.factorize import infer_lokr_plan, plan_lokr
-from ..ops.kron import kron_apply, kron_apply_cost, make_kron
+from ..ops.kron import kron_apply, kron_apply_cost, kron_order, linear_kron_apply, make_kron
 from ..ops.paths import element_cost, op_overhead
 from ..ops.tucker import cp_rebuild
 from .base import Adapter, AdapterConfig, as_dtype, register_method
@@ -121,6 +121,15 @@ class LoKrAdapter(Adapter):
         rank = None if p.use_w2 else p.r
         per_row = kron_apply_cost(p.out_l, p.in_l, p.out_r, p.in_r, rank, device_type)
         return self._w1_build() + n_rows * per_row + self.FACTORED_EXTRA_OPS * op_overhead(device_type)
+
+    def fused_linear(self, x, weight, bias, scale):
+        """The low-rank-``w2`` "middle" order (:func:`lyco.ops.kron.linear_kron_apply`): the LoKr term is
+        accumulated in place into the linear's output and input gradient."""
+        p = self.plan
+        if p.use_w2 or kron_order(p.out_l, p.in_l, p.out_r, p.in_r, p.r) != "middle":
+            return None
+        w1 = self.w1(x.dtype) * scale
+        return linear_kron_apply(x, weight, bias, w1, self.lokr_w2_a.to(x.dtype), self.lokr_w2_b.to(x.dtype))
 
     def factored_delta(self, x: torch.Tensor, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
         w1 = self.w1(x.dtype) * scale  # (out_l, in_l): the smallest place to apply the scale

@@ -96,45 +96,85 @@ class _KronApply(torch.autograd.Function):
 
 
 class _KronApplyLowRank(torch.autograd.Function):
-    """``Y = (w1 (X w2_bᵀ)) w2_aᵀ`` per row ``X (in_l, in_r)``: ``w1`` acts on the rank-``r`` intermediate, not
-    on an ``in_r``- or ``out_r``-wide one. The intermediates are kept rank-major — ``Tᵀ = w2_b X (r, m·in_l)``,
-    ``Uᵀ (r, m·out_l)`` — so that every product, forward and backward, is one plain 2-D matmul (no batched
-    small matmuls, no transposed copies). Saves ``x`` and the factors; recomputes ``T``/``U`` in backward.
+    """``Y = (w1 (X w2_bᵀ)) w2_aᵀ`` per row ``X (in_l, in_r)`` (``x2 (m, in_l·in_r)``), optionally plus a frozen
+    or trainable base linear ``x2 Wᵀ + b`` in the same node.
+
+    ``w1`` acts on the rank-``r`` intermediate, not on an ``in_r``- or ``out_r``-wide one. The intermediates are
+    kept rank-major — ``Tᵀ = w2_b X (r, m·in_l)``, ``Uᵀ (r, m·out_l)`` — so that every product, forward and
+    backward, is one plain 2-D matmul (no batched small matmuls, no transposed copies). With a base, the
+    adapter's output and input gradient are accumulated in place (``addmm_``) into the base's: no separate
+    output tensor, no gradient sum. Saves ``x2`` and the factors; recomputes ``T``/``U`` in backward.
     """
 
     @staticmethod
-    def forward(ctx, xs, w1, w2_a, w2_b):  # type: ignore[override]
-        ctx.save_for_backward(xs, w1, w2_a, w2_b)
-        ctx.amp = autocast_state(xs.device.type)
-        m, out_l, rank = xs.shape[0], w1.shape[0], w2_a.shape[1]
-        u_t = _u_t(xs, w1, w2_b)  # (r·m, out_l)
-        return (u_t.view(rank, m * out_l).mT @ w2_a.mT).view(m, out_l, -1)
+    def forward(ctx, x2, w1, w2_a, w2_b, weight, bias):  # type: ignore[override]
+        ctx.save_for_backward(x2, w1, w2_a, w2_b, weight)
+        ctx.amp = autocast_state(x2.device.type)
+        ctx.has_bias = bias is not None
+        m, (out_l, in_l), (out_r, rank) = x2.shape[0], w1.shape, w2_a.shape
+        u_t = _t_t(x2, w2_b, in_l).view(rank * m, in_l) @ w1.mT  # (r·m, out_l)
+        u = u_t.view(rank, m * out_l).mT
+        if weight is None:
+            return (u @ w2_a.mT).view(m, out_l * out_r)
+        y = F.linear(x2, weight, bias)
+        y.view(m * out_l, out_r).addmm_(u, w2_a.mT)
+        return y
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        xs, w1, w2_a, w2_b = ctx.saved_tensors
+        x2, w1, w2_a, w2_b, weight = ctx.saved_tensors
         with torch.autocast(**ctx.amp):
-            need_x, need_w1, need_a, need_b = ctx.needs_input_grad
-            m, in_l, in_r = xs.shape
-            out_l, rank = w1.shape[0], w2_a.shape[1]
-            g2 = g.reshape(m * out_l, -1)  # (m·out_l, out_r)
-            x2 = xs.reshape(m * in_l, in_r)
+            need_x, need_w1, need_a, need_b, need_w, need_bias = ctx.needs_input_grad
+            m, (out_l, in_l), (out_r, rank) = x2.shape[0], w1.shape, w2_a.shape
+            in_r = w2_b.shape[1]
+            g = g.contiguous()
+            g2 = g.view(m * out_l, out_r)
             gu_t = w2_a.mT @ g2.mT  # (r, m·out_l)
-            grad_a = g2.mT @ _u_t(xs, w1, w2_b).view(rank, m * out_l).mT if need_a else None
-            grad_w1 = gu_t.view(rank * m, out_l).mT @ (w2_b @ x2.mT).view(rank * m, in_l) if need_w1 else None
+            grad_w1 = grad_a = None
+            if need_w1 or need_a:
+                t_t = _t_t(x2, w2_b, in_l).view(rank * m, in_l)
+                if need_a:
+                    grad_a = g2.mT @ (t_t @ w1.mT).view(rank, m * out_l).mT
+                if need_w1:
+                    grad_w1 = gu_t.view(rank * m, out_l).mT @ t_t
             grad_x = grad_b = None
             if need_x or need_b:
                 gt_t = (gu_t.view(rank * m, out_l) @ w1).view(rank, m * in_l)  # (r, m·in_l)
-                grad_x = (gt_t.mT @ w2_b).view(m, in_l, in_r) if need_x else None
-                grad_b = gt_t @ x2 if need_b else None
-            return grad_x, grad_w1, grad_a, grad_b
+                if need_b:
+                    grad_b = gt_t @ x2.view(m * in_l, in_r)
+                if need_x and weight is None:
+                    grad_x = (gt_t.mT @ w2_b).view(m, in_l * in_r)
+                elif need_x:
+                    grad_x = g @ weight.to(g.dtype)
+                    grad_x.view(m * in_l, in_r).addmm_(gt_t.mT, w2_b)
+            grad_w = g.mT @ x2 if need_w else None
+            grad_bias = g.sum(0) if need_bias and ctx.has_bias else None
+            return grad_x, grad_w1, grad_a, grad_b, grad_w, grad_bias
 
 
-def _u_t(xs: torch.Tensor, w1: torch.Tensor, w2_b: torch.Tensor) -> torch.Tensor:
-    """``(w1 X w2_bᵀ)`` of every row, rank-major: ``(r·m, out_l)``."""
-    m, in_l, in_r = xs.shape
-    t_t = w2_b @ xs.reshape(m * in_l, in_r).mT  # (r, m·in_l)
-    return t_t.view(-1, in_l) @ w1.mT
+def _t_t(x2: torch.Tensor, w2_b: torch.Tensor, in_l: int) -> torch.Tensor:
+    """``w2_b Xᵀ`` of every row, rank-major: ``(r, m·in_l)``."""
+    return w2_b @ x2.view(-1, w2_b.shape[1]).mT
+
+
+def linear_kron_apply(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lokr_w1: torch.Tensor,
+    lokr_w2_a: torch.Tensor,
+    lokr_w2_b: torch.Tensor,
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias) + x · kron(w1, w2_a @ w2_b)ᵀ`` as one autograd node (the LoKr term in the
+    ``"middle"`` order, accumulated in place into the linear's output and input gradient).
+
+    ``x (..., in_l·in_r)``, ``weight (out_l·out_r, in_l·in_r)``, ``w1 (out_l, in_l)``, ``w2_a (out_r, r)``,
+    ``w2_b (r, in_r)`` → ``(..., out_l·out_r)``. All in one dtype; not for autocast.
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    y = _KronApplyLowRank.apply(x2, lokr_w1, lokr_w2_a, lokr_w2_b, weight, bias)
+    return y.view(*lead, y.shape[-1])
 
 
 def kron_apply(
@@ -160,7 +200,7 @@ def kron_apply(
     xs = x.reshape(-1, in_l, in_r)
     order = kron_order(out_l, in_l, out_r, in_r, rank)
     if order == "middle":
-        y = _KronApplyLowRank.apply(xs, lokr_w1, lokr_w2_a, lokr_w2_b)
+        y = _KronApplyLowRank.apply(xs.reshape(xs.shape[0], -1).contiguous(), lokr_w1, lokr_w2_a, lokr_w2_b, None, None)
     else:
         y = _KronApply.apply(xs, lokr_w1, lokr_w2, lokr_w2_a, lokr_w2_b, order == "right")
     return y.reshape(*lead, out_l * out_r)
