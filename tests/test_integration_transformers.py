@@ -277,3 +277,41 @@ def test_copy_adapter_weights_checks_before_copying(tmp_path):
         copy_adapter_weights(model, tmp_path)
     for n, p in _trainable(model).items():
         assert torch.equal(p, before[n]), n
+
+
+def test_lyco_trainer_label_smoothing_shifts_causal_lm_labels(tmp_path):
+    """Trainer shifts labels for label smoothing only when the *wrapper*'s class is a causal LM; for a
+    LycoModel around one, LycoTrainer makes it shift as for the bare model."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    model = lyco.get_model(tiny_gpt2(), CONFIGS["loha"]()).eval()
+    trainer = _lyco_trainer(model, tmp_path / "run", label_smoothing_factor=0.1)
+    labels = IDS.clone()
+    with torch.no_grad():
+        got = trainer.compute_loss(model, {"input_ids": IDS, "labels": labels})
+        outputs = model(input_ids=IDS)
+    smoother = LabelSmoother(epsilon=0.1)
+    want = smoother(outputs, labels, shift_labels=True)
+    unshifted = smoother(outputs, labels, shift_labels=False)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    assert (want - unshifted).abs() > 0.1
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_lyco_trainer_ddp_find_unused_parameters_as_for_the_base_model(tmp_path, checkpointing):
+    """DDP's find_unused_parameters breaks reentrant activation checkpointing; Trainer turns it off for a
+    checkpointing PreTrainedModel, but leaves it on for any other model — a LycoModel included."""
+    from transformers import Trainer, TrainingArguments
+
+    def handler(trainer):
+        return trainer.accelerator.ddp_handler.find_unused_parameters
+
+    base = tiny_gpt2()
+    if checkpointing:
+        base.activation_checkpointing_enable()
+    model = lyco.get_model(base, CONFIGS["lokr"]())
+    plain = Trainer(model=base, args=TrainingArguments(output_dir=str(tmp_path / "p"), use_cpu=True, report_to="none"))
+    ours = _lyco_trainer(model, tmp_path / "run")
+    assert handler(ours) is handler(plain) is (not checkpointing)
+    forced = _lyco_trainer(model, tmp_path / "forced", ddp_find_unused_parameters=True)
+    assert handler(forced) is True

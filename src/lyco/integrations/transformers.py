@@ -10,6 +10,12 @@ embeddings such as GPT-2's), and resuming loads that state dict back. :class:`Ly
   sub-folders), plus Trainer's usual ``training_args.bin`` / tokenizer;
 - takes ``label_names`` from the base model's class (Trainer reads them from ``type(model).forward``,
   which for a ``LycoModel`` names no labels, so evaluation would report no ``eval_loss``);
+- with ``label_smoothing_factor`` on a causal-LM base, shifts the labels as Trainer does for the bare
+  model (Trainer recognises causal LMs by the *wrapper*'s class name, so it would not shift them);
+- sets DDP's ``find_unused_parameters`` (when ``ddp_find_unused_parameters`` is not given) as Trainer
+  does for the bare ``PreTrainedModel``: off under activation checkpointing, which it breaks, instead of
+  the always-on default Trainer uses for other models (lyco needs it in neither case: every live adapter
+  parameter takes part in each step, module dropout included);
 - on ``train(resume_from_checkpoint=...)`` and ``load_best_model_at_end`` copies the checkpoint's adapter
   weights into the existing parameters in place (Trainer restores optimizer, scheduler and RNG itself).
 
@@ -24,7 +30,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import PreTrainedModel, Trainer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import can_return_loss, find_labels, logging
 
@@ -98,6 +105,20 @@ class LycoTrainerMixin:
             if self.args.label_names is None:
                 self.label_names = find_labels(base)
             self.can_return_loss = can_return_loss(base)
+            if self.label_smoother is not None and base.__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+                self.label_smoother = _ShiftedLabels(self.label_smoother)
+
+    def _build_accelerator_args(self, **kwargs: Any) -> dict[str, Any]:
+        args = super()._build_accelerator_args(**kwargs)  # type: ignore[misc]
+        model = self.model
+        if self.args.ddp_find_unused_parameters is None and isinstance(model, LycoModel):
+            base = model.get_base_model()
+            if isinstance(base, PreTrainedModel):
+                checkpointing = _checkpointing(base, self.args)
+                for handler in args.get("kwargs_handlers", []):
+                    if hasattr(handler, "find_unused_parameters"):
+                        handler.find_unused_parameters = not checkpointing
+        return args
 
     def _lyco_model(self, model: nn.Module | None = None) -> LycoModel | None:
         model = self.accelerator.unwrap_model(self.model if model is None else model)
@@ -141,6 +162,24 @@ class LycoTrainerMixin:
             return super()._load_best_model()
         logger.info(f"Loading best adapter from {best} (score: {self.state.best_metric}).")
         copy_adapter_weights(lyco_model, best)
+
+
+def _checkpointing(base: PreTrainedModel, args: Any) -> bool:
+    """Whether the base model or the training arguments turn activation checkpointing on (the names before
+    transformers 5: ``is_gradient_checkpointing`` / ``gradient_checkpointing``)."""
+    on_model = "is_activation_checkpointing" if hasattr(type(base), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    on_args = "activation_checkpointing" if hasattr(args, "activation_checkpointing") else "gradient_checkpointing"
+    return bool(getattr(base, on_model, False) or getattr(args, on_args, False))
+
+
+class _ShiftedLabels:
+    """Trainer's label smoother with ``shift_labels=True``: next-token labels of a causal LM."""
+
+    def __init__(self, smoother: Any) -> None:
+        self.smoother = smoother
+
+    def __call__(self, model_output: Any, labels: torch.Tensor, shift_labels: bool = False, **kwargs: Any) -> torch.Tensor:
+        return self.smoother(model_output, labels, shift_labels=True, **kwargs)
 
 
 class LycoTrainer(LycoTrainerMixin, Trainer):

@@ -356,7 +356,8 @@ class AdaptedLayer(nn.Module):
     ``compute_dtype``: the dtype of the adapter maths — ``"input"`` (default: the input's dtype, so a bf16
     model computes adapters in bf16 while fp32 master parameters get fp32 gradients), ``"adapter"``
     (PEFT's rule: the input is cast to the adapter's dtype and the delta back), or a ``torch.dtype``.
-    ``fuse_dense``: allow the fused dense forward (default True).
+    ``fuse_dense``: allow the fused forwards (default True): dense deltas added to the base weight, and a
+    factored adapter's :meth:`Adapter.fused_linear` running the base matmul in its own autograd node.
     """
 
     def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
