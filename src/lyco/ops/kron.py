@@ -133,8 +133,9 @@ class _KronApplyLowRank(torch.autograd.Function):
             grad_w1 = grad_a = None
             if need_w1 or need_a:
                 t_t = _t_t(x2, w2_b, in_l).view(rank * m, in_l)
-                if need_a:
-                    grad_a = g2.mT @ (t_t @ w1.mT).view(rank, m * out_l).mT
+                if need_a:  # (r, m·out_l) @ (m·out_l, out_r), transposed: both operands row-major (a long K on a
+                    # transposed view is several times slower on CPU)
+                    grad_a = ((t_t @ w1.mT).view(rank, m * out_l) @ g2).mT
                 if need_w1:
                     grad_w1 = gu_t.view(rank * m, out_l).mT @ t_t
             grad_x = grad_b = None
