@@ -5,7 +5,8 @@ What it measures (CPU, fp32, one process, everything in the same run):
 * Cases: stacks of ``[Linear(d, h), GELU, Linear(h, d)]`` blocks (big, tiny, and decode-size batches
   of 1 and 4 tokens besides 512-token ones), and a small Llama built from a ``LlamaConfig`` (no
   download; hidden 1024, intermediate 2752, 2 layers, 16 heads, vocab 1000) with all 7 projections
-  adapted. Every adapted model is a deep copy of one seeded base model; r = alpha = 8.
+  adapted, and two stacks of ``[Conv2d(c, c, 3, padding=1), SiLU]`` (UNet-like: 320 channels at 32×32 and
+  64 channels at 64×64, batch 2; lycoris-lora gets ``conv_dim = conv_alpha = r``). Every adapted model is a deep copy of one seeded base model; r = alpha = 8.
 * Implementations, per method (LoHa, LoKr): the frozen base model; ``lyco.get_model``;
   ``peft.get_peft_model`` with ``peft.LoHaConfig`` / ``peft.LoKrConfig``; lycoris-lora's
   ``create_lycoris(algo="loha"|"lokr", linear_dim=r, linear_alpha=r, factor=-1)`` + ``apply_to()``,
@@ -78,6 +79,7 @@ METHODS = ("loha", "lokr")
 IMPLS = ("lyco", "peft", "lycoris")
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MLP_TARGETS = ["up", "down"]
+CONV_TARGETS = ["conv"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,6 +98,8 @@ class Case:
     def label(self) -> str:
         if self.kind == "llama":
             return f"llama {self.layers}L {self.d}/{self.h}, {self.tokens} tok"
+        if self.kind == "conv":
+            return f"conv {self.layers}×[{self.d}ch 3×3, SiLU], {self.tokens}×{self.h}×{self.h}"
         return f"mlp {self.layers}×[{self.d}→{self.h}→{self.d}], {self.tokens} tok"
 
 
@@ -105,6 +109,7 @@ def default_cases(quick: bool) -> list[Case]:
             Case("mlp-1024x2752-t128", "mlp", 1024, 2752, 128, 1, 2.0),
             Case("mlp-1024x2752-t1", "mlp", 1024, 2752, 1, 1, 1.0),
             Case("mlp-64x64-t512", "mlp", 64, 64, 512, 2, 1.0),
+            Case("conv-64ch-32px", "conv", 64, 32, 2, 1, 1.0),
             Case("llama-1L-t256", "llama", 1024, 2752, 256, 1, 3.0),
         ]
     return [
@@ -115,6 +120,8 @@ def default_cases(quick: bool) -> list[Case]:
         Case("mlp-64x64-t512", "mlp", 64, 64, 512, 2, 2.0),
         Case("mlp-64x64-t1", "mlp", 64, 64, 1, 2, 2.0),
         Case("mlp-16x16-t512", "mlp", 16, 16, 512, 2, 2.0),
+        Case("conv-320ch-32px", "conv", 320, 32, 2, 2, 8.0),  # conv: d = channels, h = height = width, tokens = batch
+        Case("conv-64ch-64px", "conv", 64, 64, 2, 2, 3.0),
         Case("llama-2L-t512", "llama", 1024, 2752, 512, 2, 60.0),
     ]
 
@@ -128,6 +135,19 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.act(self.up(x)))
+
+
+class ConvStack(nn.Module):
+    """``layers`` × [Conv2d(d, d, 3, padding=1), SiLU]: UNet-resblock-like convolutions."""
+
+    def __init__(self, d: int, layers: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict({"conv": nn.Conv2d(d, d, 3, padding=1), "act": nn.SiLU()}) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block["act"](block["conv"](x))
+        return x
 
 
 class MLPStack(nn.Module):
@@ -145,6 +165,8 @@ def build_base(case: Case) -> tuple[nn.Module, list[str], Callable[[nn.Module, t
     """(frozen base model, target module suffixes, call(model, x) -> output tensor)."""
     if case.kind == "mlp":
         return MLPStack(case.d, case.h, case.layers), MLP_TARGETS, lambda m, x: m(x)
+    if case.kind == "conv":
+        return ConvStack(case.d, case.layers), CONV_TARGETS, lambda m, x: m(x)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -234,7 +256,7 @@ def make_lycoris(base: nn.Module, method: str, targets: list[str], r: int, bypas
     kwargs: dict[str, Any] = {"algo": method, "factor": -1}
     if bypass:
         kwargs["bypass_mode"] = True
-    net = create_lycoris(model, 1.0, linear_dim=r, linear_alpha=r, **kwargs)
+    net = create_lycoris(model, 1.0, linear_dim=r, linear_alpha=r, conv_dim=r, conv_alpha=r, **kwargs)
     net.apply_to()
     expected = sum(1 for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in targets)
     if len(net.loras) != expected:
@@ -405,7 +427,8 @@ def run_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
             torch.manual_seed(args.seed + 1)
             impls.append(make_lycoris(base, method, targets, args.r, bypass=True))
     gen = torch.Generator().manual_seed(args.seed + 2)
-    x = torch.randn(1, case.tokens, case.d, generator=gen)
+    shape = (case.tokens, case.d, case.h, case.h) if case.kind == "conv" else (1, case.tokens, case.d)
+    x = torch.randn(*shape, generator=gen)
 
     result: dict[str, Any] = {
         "case": case.name,

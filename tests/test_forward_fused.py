@@ -149,9 +149,9 @@ def _seen_dtypes(layer: lyco.AdaptedLayer) -> list[torch.dtype]:
     seen: list[torch.dtype] = []
     fd, dw = adapter.factored_delta, adapter.delta_weight
 
-    def factored_delta(x, scale=1.0):
+    def factored_delta(x, scale=1.0, conv=None):
         seen.append(x.dtype)
-        return fd(x, scale)
+        return fd(x, scale, conv)
 
     def delta_weight(dtype=None):
         out = dw(dtype)

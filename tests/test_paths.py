@@ -165,7 +165,3 @@ def test_call_costs_formula():
     assert call_costs(10, 7, 100, grad=True, fused=True) == (130, 21)
 
 
-def test_conv_is_always_dense(monkeypatch):
-    monkeypatch.setenv("LYCO_PATH", "factored")
-    model = lyco.get_model(nn.Sequential(nn.Conv2d(8, 8, 3)), lyco.LoHaConfig(r=2, target_modules=["0"]))
-    assert model.model[0].lyco_adapters["default"].select_path(100, "cpu") == "dense"

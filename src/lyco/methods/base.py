@@ -12,7 +12,9 @@ from __future__ import annotations
 import math
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -146,6 +148,7 @@ class Adapter(nn.Module, ABC):
     config_cls: ClassVar[type[AdapterConfig]]
     param_names: ClassVar[tuple[str, ...]] = ()
     rank_dropout_scale_default: ClassVar[bool] = True
+    factored_conv: ClassVar[bool] = False  # the factored path also serves Conv1d/Conv2d (groups=1) layers
     path: str | None = None  # "dense" / "factored" forces this adapter's path; None: LYCO_PATH or cost model
 
     def __init__(
@@ -207,10 +210,13 @@ class Adapter(nn.Module, ABC):
         kernel-call overheads, see :mod:`lyco.ops.paths`), or ``None`` when the method has no factored path."""
         return None
 
-    def factored_delta(self, x: torch.Tensor, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+    def factored_delta(
+        self, x: torch.Tensor, scale: float | torch.Tensor = 1.0, conv: Callable[..., torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """``scale · ΔW · x`` for ``x (..., in)`` without building ``ΔW``, in ``x``'s dtype (when
         :meth:`factored_cost` is not None). ``scale``: a number or a ``(1,)`` tensor; fold it into a small
-        factor rather than the output."""
+        factor rather than the output. Conv layers (methods with ``factored_conv``): ``x (N, in, *spatial)``
+        and ``conv(input, weight)`` the base layer's convolution with another weight."""
         raise NotImplementedError
 
     def fused_linear(
@@ -236,7 +242,7 @@ class Adapter(nn.Module, ABC):
     def select_path(self, n_rows: int, device_type: str, *, grad: bool = False, fused: bool = False) -> str:
         """``"dense"`` or ``"factored"`` for one call: conv layers and methods without a factored path are
         dense; otherwise ``self.path``, ``LYCO_PATH`` or the cheaper one."""
-        if self.spec.kind == "conv":
+        if self.spec.kind == "conv" and not self.factored_conv:
             return "dense"
         costs = self.path_costs(n_rows, device_type, grad=grad, fused=fused)
         return "dense" if costs is None else choose_path(*costs, self.path)
@@ -418,6 +424,8 @@ class AdaptedLayer(nn.Module):
             dtype = self.resolve_compute_dtype(x, adapter)
             scale, mask = self._factors(adapter, x.device, dtype)
             path = adapter.select_path(n_rows, x.device.type, grad=grad and adapter.requires_grad, fused=fuse)
+            if path == "factored" and self.spec.kind == "conv" and self._modules["base_layer"].groups != 1:
+                path = "dense"
             if path == "factored":
                 factored.append((adapter, dtype, scale, mask))
             else:
@@ -441,8 +449,9 @@ class AdaptedLayer(nn.Module):
         if result is None:
             result = base(x, *args, **kwargs)
         in_place = self._plain_base() and not (dense and not fuse)  # the result is a fresh tensor only we hold
+        conv = partial(base._conv_forward, bias=None) if self.spec.kind == "conv" else None
         for adapter, dtype, scale, mask in factored:
-            out = adapter.factored_delta(x.to(dtype), scale)
+            out = adapter.factored_delta(x.to(dtype), scale, conv)
             if mask is not None:
                 out = out * _along(mask, out.dim(), self.spec.channel_dim(out.dim()))
             result = result.add_(out.to(result.dtype)) if in_place else result + out.to(result.dtype)

@@ -80,6 +80,6 @@ class LoHaAdapter(Adapter):
         o, i = self.plan.out_features, self.plan.in_features
         return (1 + n_rows) * self.r * self.r * (o + i)
 
-    def factored_delta(self, x: torch.Tensor, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+    def factored_delta(self, x: torch.Tensor, scale: float | torch.Tensor = 1.0, conv=None) -> torch.Tensor:
         w1a = self.hada_w1_a.to(x.dtype) * scale  # (o, r): the smallest place to apply the scale
         return hada_apply(x, w1a, *(w.to(x.dtype) for w in (self.hada_w1_b, self.hada_w2_a, self.hada_w2_b)))

@@ -16,7 +16,15 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..ops.factorize import infer_lokr_plan, plan_lokr
-from ..ops.kron import kron_apply, kron_apply_cost, kron_order, linear_kron_apply, make_kron
+from ..ops.kron import (
+    kron_apply,
+    kron_apply_cost,
+    kron_conv_apply,
+    kron_conv_cost,
+    kron_order,
+    linear_kron_apply,
+    make_kron,
+)
 from ..ops.paths import element_cost, op_overhead
 from ..ops.tucker import cp_rebuild
 from .base import Adapter, AdapterConfig, as_dtype, register_method
@@ -58,6 +66,7 @@ class LoKrAdapter(Adapter):
     config_cls = LoKrConfig
     param_names = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
     rank_dropout_scale_default = False
+    factored_conv = True
 
     @classmethod
     def infer_plan(cls, shapes, weight_shape, r):
@@ -115,10 +124,16 @@ class LoKrAdapter(Adapter):
         return self._w1_build() + w2_build + (1 + element_cost(device_type)) * p.out_features * p.in_features
 
     def factored_cost(self, n_rows: int, device_type: str = "cpu") -> float:
-        """``w1``'s product plus :func:`lyco.ops.kron.kron_apply_cost` per row and the extra kernel calls
+        """The factor products plus, per row (conv: per input position, strides ignored), the work of
+        :func:`lyco.ops.kron.kron_apply_cost` / :func:`lyco.ops.kron.kron_conv_cost`, and the extra kernel calls
         (:func:`lyco.ops.paths.op_overhead`)."""
         p = self.plan
         rank = None if p.use_w2 else p.r
+        if self.spec.kind == "conv":
+            ksize = math.prod(p.kernel)
+            w2_build = 0 if p.use_w2 else p.r * p.out_r * ksize * (p.in_r + (p.r if p.use_cp else 0))
+            per_row = kron_conv_cost(p.out_l, p.in_l, p.out_r, p.in_r, ksize, device_type)
+            return self._w1_build() + w2_build + n_rows * per_row + self.FACTORED_EXTRA_OPS * op_overhead(device_type)
         per_row = kron_apply_cost(p.out_l, p.in_l, p.out_r, p.in_r, rank, device_type)
         return self._w1_build() + n_rows * per_row + self.FACTORED_EXTRA_OPS * op_overhead(device_type)
 
@@ -131,8 +146,10 @@ class LoKrAdapter(Adapter):
         w1 = self.w1(x.dtype) * scale
         return linear_kron_apply(x, weight, bias, w1, self.lokr_w2_a.to(x.dtype), self.lokr_w2_b.to(x.dtype))
 
-    def factored_delta(self, x: torch.Tensor, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+    def factored_delta(self, x: torch.Tensor, scale: float | torch.Tensor = 1.0, conv=None) -> torch.Tensor:
         w1 = self.w1(x.dtype) * scale  # (out_l, in_l): the smallest place to apply the scale
+        if self.spec.kind == "conv":
+            return kron_conv_apply(x, w1, self.w2(x.dtype), conv)
         if self.plan.use_w2:
             return kron_apply(x, w1, self.lokr_w2.to(x.dtype))
         return kron_apply(x, w1, None, self.lokr_w2_a.to(x.dtype), self.lokr_w2_b.to(x.dtype))

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from .amp import autocast_state
-from .paths import element_cost
+from .paths import element_cost, small_conv_cost
 
 
 def make_kron(lokr_w1: torch.Tensor, lokr_w2: torch.Tensor) -> torch.Tensor:
@@ -237,3 +240,46 @@ def kron_apply_cost(
     the elements of its intermediate and output, each worth :func:`lyco.ops.paths.element_cost`."""
     macs, elements = _order_costs(out_l, in_l, out_r, in_r, rank)[kron_order(out_l, in_l, out_r, in_r, rank)]
     return macs + element_cost(device_type) * elements
+
+
+def kron_conv_apply(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, conv: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """A convolution with ``kron(w1, w2)`` without building it: ``w2`` convolves each of the ``in_l`` channel
+    groups, ``w1`` mixes the groups (or ``w1`` first, then ``w2`` on each of the ``out_l`` mixed groups),
+    whichever order has fewer multiply-adds.
+
+    ``x (N, in_l·in_r, *spatial)`` (or unbatched ``(in_l·in_r, *spatial)``), ``w1 (out_l, in_l)``, ``w2 (out_r,
+    in_r, *k)``; ``conv(input, weight)`` is the base layer's convolution (its stride, padding, padding mode and
+    dilation; ``groups`` must be 1) → ``(N, out_l·out_r, *spatial')``. Plain autograd.
+    """
+    unbatched = x.dim() == w2.dim() - 1
+    if unbatched:
+        x = x.unsqueeze(0)
+    n, spatial = x.shape[0], x.shape[2:]
+    (out_l, in_l), (out_r, in_r), ksize = w1.shape, w2.shape[:2], math.prod(w2.shape[2:])
+    if kron_conv_order(out_l, in_l, out_r, in_r, ksize) == "conv":
+        z = conv(x.reshape(n * in_l, in_r, *spatial), w2)  # (N·in_l, out_r, *spatial')
+        out_spatial = z.shape[2:]
+        y = _apply_w1(z.reshape(n, in_l, -1), w1)  # (N, out_l, out_r·spatial')
+    else:
+        z = _apply_w1(x.reshape(n, in_l, -1), w1).reshape(n * out_l, in_r, *spatial)
+        y = conv(z, w2)  # (N·out_l, out_r, *spatial')
+        out_spatial = y.shape[2:]
+    y = y.reshape(n, out_l * out_r, *out_spatial)
+    return y.squeeze(0) if unbatched else y
+
+
+def kron_conv_order(out_l: int, in_l: int, out_r: int, in_r: int, ksize: int) -> str:
+    """``"conv"`` (``w2`` on the ``in_l`` input groups first) or ``"mix"`` (``w1`` first, ``w2`` on ``out_l``
+    groups): per output position, ``in_l·out_r·(in_r·k + out_l)`` vs ``out_l·in_r·(in_l + out_r·k)``."""
+    return "conv" if in_l * out_r * (in_r * ksize + out_l) <= out_l * in_r * (in_l + out_r * ksize) else "mix"
+
+
+def kron_conv_cost(out_l: int, in_l: int, out_r: int, in_r: int, ksize: int, device_type: str = "cpu") -> int:
+    """Work of :func:`kron_conv_apply` per input position (strides ignored): multiply-adds plus the elements
+    of its intermediate and output, each worth :func:`lyco.ops.paths.element_cost`, all times
+    :func:`lyco.ops.paths.small_conv_cost` (small-channel convolutions run far below the base's rate)."""
+    if kron_conv_order(out_l, in_l, out_r, in_r, ksize) == "conv":
+        macs, elements = in_l * out_r * (in_r * ksize + out_l), in_l * out_r + out_l * out_r
+    else:
+        macs, elements = out_l * in_r * (in_l + out_r * ksize), out_l * in_r + out_l * out_r
+    return small_conv_cost(device_type) * (macs + element_cost(device_type) * elements)

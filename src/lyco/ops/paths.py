@@ -25,10 +25,21 @@ OP_OVERHEAD = {"cpu": 250_000, "cuda": 50_000_000}
 # bf16 multiply-add rate per element-byte moved, rounded down.
 ELEMENT_COST = {"cpu": 16, "cuda": 64}
 
+# How many times slower, per multiply-add, a factored LoKr convolution runs than the base layer's: it
+# convolves ``in_r``- to ``out_r``-channel slices (a 3×3 conv with 20 channels in and out on 32 images instead
+# of one with 320 on 2). CPU: measured 3.5-7× on 64-640-channel 3×3 convs (benchmarks/RESULTS.md); 4 picks the
+# faster path in 7 of 8 measured cases. CUDA: not calibrated, the same value.
+SMALL_CONV_COST = {"cpu": 4, "cuda": 4}
+
 
 def op_overhead(device_type: str) -> int:
     """Multiply-add equivalent of one extra kernel call on this device type."""
     return OP_OVERHEAD.get(device_type, OP_OVERHEAD["cuda"])
+
+
+def small_conv_cost(device_type: str) -> int:
+    """Per-multiply-add slowdown of a factored (small-channel) convolution on this device type."""
+    return SMALL_CONV_COST.get(device_type, SMALL_CONV_COST["cuda"])
 
 
 def element_cost(device_type: str) -> int:
