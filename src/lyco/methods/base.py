@@ -449,7 +449,7 @@ class AdaptedLayer(nn.Module):
         if result is None:
             result = base(x, *args, **kwargs)
         in_place = self._plain_base() and not (dense and not fuse)  # the result is a fresh tensor only we hold
-        conv = partial(base._conv_forward, bias=None) if self.spec.kind == "conv" else None
+        conv = partial(base._conv_forward, bias=None) if factored and self.spec.kind == "conv" else None
         for adapter, dtype, scale, mask in factored:
             out = adapter.factored_delta(x.to(dtype), scale, conv)
             if mask is not None:

@@ -8,6 +8,7 @@ Parameters: plain ``2·r·(out + in·prod(k))``, CP ``2·r·(out + in) + 2·r²�
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +81,8 @@ class LoHaAdapter(Adapter):
         o, i = self.plan.out_features, self.plan.in_features
         return (1 + n_rows) * self.r * self.r * (o + i)
 
-    def factored_delta(self, x: torch.Tensor, scale: float | torch.Tensor = 1.0, conv=None) -> torch.Tensor:
+    def factored_delta(
+        self, x: torch.Tensor, scale: float | torch.Tensor = 1.0, conv: Callable[..., torch.Tensor] | None = None
+    ) -> torch.Tensor:
         w1a = self.hada_w1_a.to(x.dtype) * scale  # (o, r): the smallest place to apply the scale
         return hada_apply(x, w1a, *(w.to(x.dtype) for w in (self.hada_w1_b, self.hada_w2_a, self.hada_w2_b)))

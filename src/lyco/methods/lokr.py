@@ -9,6 +9,7 @@ low-rank factors ``r·(out_l + in_l)`` and ``r·(out_r + in_r·prod(k))``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -146,7 +147,9 @@ class LoKrAdapter(Adapter):
         w1 = self.w1(x.dtype) * scale
         return linear_kron_apply(x, weight, bias, w1, self.lokr_w2_a.to(x.dtype), self.lokr_w2_b.to(x.dtype))
 
-    def factored_delta(self, x: torch.Tensor, scale: float | torch.Tensor = 1.0, conv=None) -> torch.Tensor:
+    def factored_delta(
+        self, x: torch.Tensor, scale: float | torch.Tensor = 1.0, conv: Callable[..., torch.Tensor] | None = None
+    ) -> torch.Tensor:
         w1 = self.w1(x.dtype) * scale  # (out_l, in_l): the smallest place to apply the scale
         if self.spec.kind == "conv":
             return kron_conv_apply(x, w1, self.w2(x.dtype), conv)

@@ -268,18 +268,25 @@ def kron_conv_apply(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, conv: C
     return y.squeeze(0) if unbatched else y
 
 
+def _conv_order_costs(out_l: int, in_l: int, out_r: int, in_r: int, ksize: int) -> dict[str, tuple[int, int]]:
+    """Per input position and order of :func:`kron_conv_apply`: (multiply-adds, elements written)."""
+    return {
+        "conv": (in_l * out_r * (in_r * ksize + out_l), in_l * out_r + out_l * out_r),
+        "mix": (out_l * in_r * (in_l + out_r * ksize), out_l * in_r + out_l * out_r),
+    }
+
+
 def kron_conv_order(out_l: int, in_l: int, out_r: int, in_r: int, ksize: int) -> str:
     """``"conv"`` (``w2`` on the ``in_l`` input groups first) or ``"mix"`` (``w1`` first, ``w2`` on ``out_l``
-    groups): per output position, ``in_l·out_r·(in_r·k + out_l)`` vs ``out_l·in_r·(in_l + out_r·k)``."""
-    return "conv" if in_l * out_r * (in_r * ksize + out_l) <= out_l * in_r * (in_l + out_r * ksize) else "mix"
+    groups): per position, ``in_l·out_r·(in_r·k + out_l)`` vs ``out_l·in_r·(in_l + out_r·k)`` multiply-adds."""
+    costs = _conv_order_costs(out_l, in_l, out_r, in_r, ksize)
+    return "conv" if costs["conv"][0] <= costs["mix"][0] else "mix"
 
 
 def kron_conv_cost(out_l: int, in_l: int, out_r: int, in_r: int, ksize: int, device_type: str = "cpu") -> int:
     """Work of :func:`kron_conv_apply` per input position (strides ignored): multiply-adds plus the elements
     of its intermediate and output, each worth :func:`lyco.ops.paths.element_cost`, all times
     :func:`lyco.ops.paths.small_conv_cost` (small-channel convolutions run far below the base's rate)."""
-    if kron_conv_order(out_l, in_l, out_r, in_r, ksize) == "conv":
-        macs, elements = in_l * out_r * (in_r * ksize + out_l), in_l * out_r + out_l * out_r
-    else:
-        macs, elements = out_l * in_r * (in_l + out_r * ksize), out_l * in_r + out_l * out_r
+    order = kron_conv_order(out_l, in_l, out_r, in_r, ksize)
+    macs, elements = _conv_order_costs(out_l, in_l, out_r, in_r, ksize)[order]
     return small_conv_cost(device_type) * (macs + element_cost(device_type) * elements)
