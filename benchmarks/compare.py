@@ -6,7 +6,8 @@ What it measures (CPU, fp32, one process, everything in the same run):
   of 1 and 4 tokens besides 512-token ones), and a small Llama built from a ``LlamaConfig`` (no
   download; hidden 1024, intermediate 2752, 2 layers, 16 heads, vocab 1000) with all 7 projections
   adapted, and two stacks of ``[Conv2d(c, c, 3, padding=1), SiLU]`` (UNet-like: 320 channels at 32×32 and
-  64 channels at 64×64, batch 2; lycoris-lora gets ``conv_dim = conv_alpha = r``). Every adapted model is a deep copy of one seeded base model; r = alpha = 8.
+  64 channels at 64×64, batch 2; lycoris-lora gets ``conv_dim = conv_alpha = r``). Every adapted model
+  is a deep copy of one seeded base model; r = alpha = 8.
 * Implementations, per method (LoHa, LoKr): the frozen base model; ``lyco.get_model``;
   ``peft.get_peft_model`` with ``peft.LoHaConfig`` / ``peft.LoKrConfig``; lycoris-lora's
   ``create_lycoris(algo="loha"|"lokr", linear_dim=r, linear_alpha=r, factor=-1)`` + ``apply_to()``,
