@@ -15,14 +15,17 @@ from lyco.errors import FormatError, ShapeMismatchError
 from lyco.formats.adapterfile import AdapterFile, ModuleAdapter
 from lyco.formats.dispatch import source_format, target_format
 from lyco.formats.stream import StreamingWriter, read_index
+from lyco.methods.lokr import LoKrAdapter
 from lyco.ops.kron import make_kron
 from lyco.ops.lowrank import relative_error, svd_tail_error
-from lyco.tools.base import BaseIndex, attach_base, index_base, resolve_names
+from lyco.tools.base_weights import BaseIndex, attach_base, index_base, resolve_names
 from lyco.tools.convert import compare_adapters
-from lyco.tools.describe import RULE_ALPHA, RULE_FULL_LOKR, RULE_NO_ALPHA, describe
+from lyco.tools.describe import RULE_ALPHA, RULE_NO_ALPHA, RULE_UNRANKED, describe
 from lyco.tools.extract import extract_files, extract_module
 from lyco.tools.merge import merge_file
 from lyco.tools.resize import resize_adapter, to_lora
+
+RULE_FULL_LOKR = RULE_UNRANKED.format(LoKrAdapter.unranked)
 
 G = torch.Generator().manual_seed(0)
 

@@ -12,7 +12,7 @@ from torch import nn
 
 import lyco
 from conftest import X, base_model
-from lyco.methods.base import METHODS
+from lyco.methods import METHODS
 
 ATOL = 1e-5
 EXACT = 1e-6

@@ -11,8 +11,9 @@ from .errors import (
     TargetError,
     UnsupportedLayerError,
 )
-from .formats.lycoris import load_lycoris, load_lycoris_into, save_lycoris
-from .methods import AdaptedLayer, Adapter, AdapterConfig, LoHaConfig, LoKrConfig, register_method
+from .layer import AdaptedLayer
+from .lycoris_files import load_lycoris, load_lycoris_into, save_lycoris
+from .methods import Adapter, AdapterConfig, LoHaConfig, LoKrConfig, register_method
 from .model import LycoModel, get_model
 from .modules_to_save import ModulesToSaveWrapper
 from .ops.factorize import factorization

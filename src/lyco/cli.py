@@ -14,7 +14,8 @@ from .cli_output import print_errors, print_report, progress_bar
 from .errors import LycoError
 from .formats.adapterfile import AdapterFile
 from .formats.dispatch import FORMATS, STYLES, read_adapter, target_format, write_adapter
-from .tools.fit import LOHA_STEPS
+from .ops.hadamard import LOHA_STEPS
+from .tools.extract import extract_algos
 
 if TYPE_CHECKING:
     from .demo import DemoResult
@@ -152,7 +153,7 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from .tools.base import index_base
+    from .tools.base_weights import index_base
     from .tools.convert import prepare
     from .tools.describe import describe
 
@@ -186,7 +187,7 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from .tools.base import index_base
+    from .tools.base_weights import index_base
     from .tools.convert import compare_adapters, prepare
 
     af = prepare(_read(args.src, args), index_base(args.base) if args.base else None, target_format(args.dst, args.to))
@@ -245,7 +246,7 @@ def _add_extract(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("base", type=Path, metavar="BASE")
     p.add_argument("tuned", type=Path, metavar="TUNED")
     p.add_argument("out", type=Path, metavar="OUT")
-    p.add_argument("--algo", choices=("lokr", "loha"), required=True)
+    p.add_argument("--algo", choices=extract_algos(), required=True)
     p.add_argument("--rank", type=_positive, required=True, help="rank r of the low-rank factors")
     p.add_argument("--factor", type=int, default=-1, help="LoKr factor (split size; -1: balanced)")
     p.add_argument("--decompose-both", action="store_true", help="LoKr: factor w1 too")
@@ -326,7 +327,7 @@ def _run_to_lora(args: argparse.Namespace) -> int:
 
     src = _read(args.adapter, args)
     if args.base is not None:
-        from .tools.base import index_base
+        from .tools.base_weights import index_base
         from .tools.convert import prepare
 
         src = prepare(src, index_base(args.base))
@@ -334,7 +335,7 @@ def _run_to_lora(args: argparse.Namespace) -> int:
     print_errors(f"to-lora, r={args.rank}", results, plain=args.plain)
     if args.style is None and src.convention in STYLES:
         args.style = src.convention
-    return _write(af, args, metadata={"ss_network_module": "networks.lora"})
+    return _write(af, args)
 
 
 def _positive(text: str) -> int:
@@ -348,9 +349,9 @@ def _read(path: Path, args: argparse.Namespace) -> AdapterFile:
     return read_adapter(path, allow_pickle=getattr(args, "allow_pickle", False))
 
 
-def _write(af: AdapterFile, args: argparse.Namespace, metadata: dict[str, str] | None = None) -> int:
+def _write(af: AdapterFile, args: argparse.Namespace) -> int:
     fmt = target_format(args.out, args.to)
-    out = write_adapter(af, args.out, to=fmt, style=args.style, prefix=args.prefix, metadata=metadata if fmt != "peft" else None)
+    out = write_adapter(af, args.out, to=fmt, style=args.style, prefix=args.prefix)
     print(f"wrote {out} ({target_format(out, args.to)}, {len(af.modules)} module(s), {af.num_params():,} parameters)")
     return 0
 

@@ -12,18 +12,31 @@ import copy
 import functools
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import AdapterNameError, ConfigError, MergeError, UnsupportedLayerError
-from .methods.base import META, AdaptedLayer, AdapterConfig, adapter_class_for
+from .errors import AdapterNameError, ConfigError, FormatError, MergeError, UnsupportedLayerError
+from .formats.names import ModuleTable
+from .formats.peft import adapter_dir, peft_key, peft_tensors, read_peft_dir, write_peft_dir
+from .layer import AdaptedLayer
+from .methods.adapter import META
+from .methods.config import AdapterConfig, pattern_value
+from .methods.registry import adapter_class_for
 from .modules_to_save import ModulesToSaveWrapper
 from .ops.layerops import SUPPORTED_LAYERS, layer_spec
 from .sharding import check_not_sharded_for_adapters, check_unsharded, full_weights, is_sharded
-from .targeting import check_modules_to_save, default_target_modules, find_targets, pattern_value
+from .targeting import check_modules_to_save, default_target_modules, find_targets
+from .tree import (
+    adapted_layers,
+    adapter_tensors,
+    infer_plans,
+    load_adapter_tensors,
+    saved_modules,
+    wrapper_internals,
+)
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -107,24 +120,11 @@ class LycoModel(nn.Module):
     # -- iteration ---------------------------------------------------------------------------
     def adapted_layers(self) -> Iterator[tuple[str, AdaptedLayer]]:
         """``(module name, AdaptedLayer)`` for every wrapped layer."""
-        for name, module in self.model.named_modules():
-            if isinstance(module, AdaptedLayer):
-                yield name, module
+        return adapted_layers(self.model)
 
-    def _wrappers(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
-        for name, module in self.model.named_modules():
-            if isinstance(module, ModulesToSaveWrapper):
-                yield name, module
-
-    def _internal_names(self) -> set[str]:
-        """Names of the wrappers' own children (never adapter targets themselves)."""
-        names: set[str] = set()
-        for n, module in self.model.named_modules():
-            if isinstance(module, AdaptedLayer):
-                names |= {f"{n}.base_layer", f"{n}.lyco_adapters"}
-            elif isinstance(module, ModulesToSaveWrapper):
-                names |= {f"{n}.original_module", f"{n}.modules_to_save"}
-        return names
+    def saved_modules(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
+        """``(module name, ModulesToSaveWrapper)`` for every ``modules_to_save`` wrapper."""
+        return saved_modules(self.model)
 
     @property
     def active_adapters(self) -> list[str]:
@@ -146,8 +146,8 @@ class LycoModel(nn.Module):
         """Add a new (inactive unless first) adapter; validates everything before touching the model.
 
         ``plans``: per module name, a shape plan (``LoKrPlan`` / ``LoHaPlan``, e.g. inferred from a file's
-        tensors) used instead of planning from ``config``; its ``r`` overrides ``rank_pattern`` unless both
-        LoKr factors are full (then the plan has no rank and ``r`` / ``rank_pattern`` give ``alpha / r``).
+        tensors) used instead of planning from ``config``; its ``r`` overrides ``rank_pattern`` when the plan is
+        ``ranked`` (not a LoKr with both factors full: then ``r`` / ``rank_pattern`` give ``alpha / r``).
         """
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
             raise AdapterNameError(f"adapter name must be a non-empty string without '.', got {adapter_name!r}")
@@ -161,7 +161,7 @@ class LycoModel(nn.Module):
         if config.target_modules is None:
             config.target_modules = default_target_modules(self.model)
         adapter_cls = adapter_class_for(config)
-        skip = self._internal_names()
+        skip = wrapper_internals(self.model)
         modules = dict(self.model.named_modules())
         created = []
         for name in find_targets(self.model, config, skip):
@@ -178,9 +178,7 @@ class LycoModel(nn.Module):
             weight = base.weight
             device = META if low_cpu_mem_usage else weight.device
             plan = (plans or {}).get(name)
-            r = pattern_value(config.rank_pattern, name, config.r)
-            if plan is not None and not getattr(plan, "both_full", False):
-                r = plan.r  # the factored tensors carry the rank; a full-full LoKr plan carries none
+            r = plan.r if plan is not None and getattr(plan, "ranked", True) else pattern_value(config.rank_pattern, name, config.r)
             alpha = pattern_value(config.alpha_pattern, name, config.alpha)
             adapter = adapter_cls(
                 spec, r, alpha, config, device=device, dtype=_adapter_dtype(weight, self.autocast_adapter_dtype),
@@ -227,7 +225,7 @@ class LycoModel(nn.Module):
         self._active = names
         for _, layer in self.adapted_layers():
             layer.active_adapters = list(names)
-        for _, wrapper in self._wrappers():
+        for _, wrapper in self.saved_modules():
             wrapper.set_active(names)
         self._update_trainable()
 
@@ -236,7 +234,7 @@ class LycoModel(nn.Module):
         for _, layer in self.adapted_layers():
             for name, adapter in layer.lyco_adapters.items():
                 adapter.requires_grad_(name in train)
-        for _, wrapper in self._wrappers():
+        for _, wrapper in self.saved_modules():
             for name, clone in wrapper.modules_to_save.items():
                 clone.requires_grad_(name in train)
 
@@ -261,7 +259,7 @@ class LycoModel(nn.Module):
                 del layer.lyco_adapters[adapter_name]
                 if not len(layer.lyco_adapters):
                     _set_submodule(self.model, name, layer.base_layer)
-        for name, wrapper in list(self._wrappers()):
+        for name, wrapper in list(self.saved_modules()):
             if adapter_name in wrapper.modules_to_save:
                 del wrapper.modules_to_save[adapter_name]
                 if not len(wrapper.modules_to_save):
@@ -280,7 +278,7 @@ class LycoModel(nn.Module):
             warnings.warn("disable_adapter() unmerges merged adapters and merges them again on exit", stacklevel=3)
             for _, layer in layers:
                 layer.unmerge()
-        wrappers = [w for _, w in self._wrappers()]
+        wrappers = [w for _, w in self.saved_modules()]
         for m in [layer for _, layer in layers] + wrappers:
             m.disable_adapters = True
         try:
@@ -324,7 +322,7 @@ class LycoModel(nn.Module):
         base parameters' ``requires_grad`` flags as they were before the first adapter."""
         for name, layer in list(self.adapted_layers()):
             _set_submodule(self.model, name, layer.base_layer)
-        for name, wrapper in list(self._wrappers()):
+        for name, wrapper in list(self.saved_modules()):
             _set_submodule(self.model, name, wrapper.current if merge else wrapper.original_module)
         self.peft_config.clear()
         self._active = []
@@ -396,32 +394,41 @@ class LycoModel(nn.Module):
         ``is_main_process`` (default: rank 0) writes the full, unsharded files; every rank returns once
         they exist. Unsharded model: writes unless ``is_main_process=False``.
         """
-        from .formats.peft import save_peft_dir
-
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         self._check_known(names)
         if not is_sharded(self):
             if is_main_process is not False:
                 for name in names:
-                    save_peft_dir(self, name, save_directory)
+                    self._write_peft(name, save_directory)
             return
         import torch.distributed as dist
 
         modules = [layer.lyco_adapters[n] for _, layer in self.adapted_layers() for n in names if n in layer.lyco_adapters]
-        modules += [w.modules_to_save[n] for _, w in self._wrappers() for n in names if n in w.modules_to_save]
+        modules += [w.modules_to_save[n] for _, w in self.saved_modules() for n in names if n in w.modules_to_save]
         with full_weights(self, modules):
             if is_main_process if is_main_process is not None else dist.get_rank() == 0:
                 for name in names:
-                    save_peft_dir(self, name, save_directory)
+                    self._write_peft(name, save_directory)
         dist.barrier()
 
+    def _write_peft(self, adapter_name: str, save_directory: str | os.PathLike) -> None:
+        tensors = adapter_tensors(self.model, adapter_name)
+        if any(t.device.type == "meta" for t in tensors.values()):
+            raise FormatError(f"adapter {adapter_name!r} has weights on the meta device; load or initialise them first")
+        write_peft_dir(adapter_dir(save_directory, adapter_name), self.peft_config[adapter_name], tensors, self.model)
+
     def load_adapter(
-        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **kwargs: Any
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        allow_pickle: bool = False,
+        subfolder: str | None = None,
     ) -> None:
         """Load an adapter directory (written by lyco or peft) as a new adapter ``adapter_name``."""
-        from .formats.peft import load_peft_dir
-
-        load_peft_dir(self, model_id, adapter_name, is_trainable=is_trainable, **kwargs)
+        table = ModuleTable.from_module(self.model)
+        config, tensors = read_peft_dir(model_id, allow_pickle=allow_pickle, subfolder=subfolder, table=table)
+        self.load_adapter_tensors(adapter_name, config, tensors, is_trainable=is_trainable, source=str(model_id), key_names=peft_key)
 
     @classmethod
     def from_pretrained(
@@ -430,12 +437,77 @@ class LycoModel(nn.Module):
         model_id: str | os.PathLike,
         adapter_name: str = "default",
         is_trainable: bool = False,
+        allow_pickle: bool = False,
+        subfolder: str | None = None,
         **kwargs: Any,
     ) -> LycoModel:
-        """Wrap ``model`` with the adapter stored in ``model_id`` (a PEFT directory)."""
-        from .formats.peft import model_from_peft_dir
+        """Wrap ``model`` with the adapter stored in ``model_id`` (a PEFT directory); on any error ``model`` is
+        left as it was. ``kwargs``: :class:`LycoModel` options (``compute_dtype``, ``autocast_adapter_dtype``)."""
+        table = ModuleTable.from_module(model)
+        config, tensors = read_peft_dir(model_id, allow_pickle=allow_pickle, subfolder=subfolder, table=table)
+        return cls.from_adapter_tensors(
+            model, config, tensors, adapter_name, is_trainable=is_trainable, source=str(model_id), key_names=peft_key, **kwargs
+        )
 
-        return model_from_peft_dir(cls, model, model_id, adapter_name, is_trainable=is_trainable, **kwargs)
+    # -- tensors (what file loaders build on) -----------------------------------------------------------
+    @classmethod
+    def from_adapter_tensors(
+        cls,
+        model: nn.Module,
+        config: AdapterConfig,
+        tensors: Mapping[str, torch.Tensor],
+        adapter_name: str = "default",
+        *,
+        plans: Mapping[str, Any] | None = None,
+        is_trainable: bool = False,
+        source: str = "<tensors>",
+        key_names: Callable[[str], str | None] | None = None,
+        **kwargs: Any,
+    ) -> LycoModel:
+        """Wrap ``model`` with an adapter whose weights are ``tensors`` (keyed ``<module path>.<param>``, lyco's
+        layouts; see :mod:`lyco.tree`). ``plans``: per-module shape plans (default: inferred from the tensors,
+        so a split the config would not plan loads exactly). Adapters are created on the meta device and
+        materialised from the tensors; on any error ``model`` is left as it was. ``key_names``: how ``source``
+        spells a key, for messages (e.g. with PEFT's prefix). ``is_trainable=False`` freezes the adapter and puts the model in eval mode."""
+        plans = infer_plans(model, config, tensors) if plans is None else plans
+        lyco_model = cls(model, config, adapter_name, low_cpu_mem_usage=True, plans=plans, **kwargs)
+        lyco_model._fill(adapter_name, tensors, source, is_trainable, key_names, undo=lyco_model.unload)
+        return lyco_model
+
+    def load_adapter_tensors(
+        self,
+        adapter_name: str,
+        config: AdapterConfig,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        plans: Mapping[str, Any] | None = None,
+        is_trainable: bool = False,
+        source: str = "<tensors>",
+        key_names: Callable[[str], str | None] | None = None,
+    ) -> None:
+        """Add adapter ``adapter_name`` with weights ``tensors`` (as :meth:`from_adapter_tensors`); all or nothing."""
+        plans = infer_plans(self.model, config, tensors) if plans is None else plans
+        self.add_adapter(adapter_name, config, low_cpu_mem_usage=True, plans=plans)
+        self._fill(adapter_name, tensors, source, is_trainable, key_names, undo=lambda: self.delete_adapter(adapter_name))
+
+    def _fill(
+        self,
+        adapter_name: str,
+        tensors: Mapping[str, torch.Tensor],
+        source: str,
+        is_trainable: bool,
+        key_names: Callable[[str], str | None] | None,
+        undo: Callable[[], object],
+    ) -> None:
+        """Load the new adapter's weights; on any error ``undo()`` removes what was added (the one rollback)."""
+        try:
+            load_adapter_tensors(self.model, {adapter_name: tensors}, source, show=key_names or str)
+        except BaseException:
+            undo()
+            raise
+        self.set_trainable(adapter_name, is_trainable)
+        if not is_trainable:
+            self.eval()
 
 
 def get_model(
@@ -463,3 +535,10 @@ def get_model(
         model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
         autocast_adapter_dtype=autocast_adapter_dtype, plans=plans, compute_dtype=compute_dtype,
     )  # fmt: skip
+
+
+def adapter_state_dict(model: LycoModel, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """One adapter's tensors as PEFT keys and layouts (``base_model.model.<module>.<param>``): exactly what
+    ``save_pretrained`` writes to ``adapter_model.safetensors`` (PEFT's ``get_peft_model_state_dict``)."""
+    model._check_known([adapter_name])
+    return peft_tensors(model.peft_config[adapter_name], adapter_tensors(model.model, adapter_name))

@@ -30,6 +30,10 @@ class ModulesToSaveWrapper(nn.Module):
     def set_active(self, adapter_names: list[str]) -> None:
         self.active_adapter = next((n for n in adapter_names if n in self.modules_to_save), None)
 
+    def get_base_layer(self) -> nn.Module:
+        """The wrapped module (PEFT's wrapper protocol: file name resolution sees this module, not the copies)."""
+        return self.original_module
+
     @property
     def current(self) -> nn.Module:
         if self.disable_adapters or self.active_adapter is None:

@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Iterable
+from typing import Any
 
 from torch import nn
 
 from .errors import ConfigError, TargetError
+from .methods.config import pattern_value as pattern_value  # re-exported: the rank/alpha pattern rule
 from .ops.layerops import layer_spec
-
-T = TypeVar("T")
 
 # Default targets per transformers ``config.model_type`` (attention projections, as PEFT's LoHa/LoKr maps).
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -111,14 +110,6 @@ def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None
         if m:
             return int(m.group(1))
     return None
-
-
-def pattern_value(patterns: Mapping[str, T], name: str, default: T) -> T:
-    """Value of the first key of ``patterns`` matching ``name`` (module docstring rule), else ``default``."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
 
 
 def _is_output_head(name: str, model: nn.Module) -> bool:

@@ -11,9 +11,11 @@ from pathlib import Path
 
 from ..errors import FormatError
 from .adapterfile import AdapterFile
+from .keys import STYLES
+from .lycoris import read_lycoris_file, write_lycoris_file
+from .peft import read_peft_adapter, write_peft_adapter
 
 FORMATS = ("peft", "lycoris")
-STYLES = ("lycoris", "kohya", "peft", "diffusers")
 FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
@@ -44,11 +46,7 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
     ``allow_pickle=True``.
     """
     if source_format(path) == "peft":
-        from .peft import read_peft_adapter
-
         return read_peft_adapter(path, allow_pickle=allow_pickle)
-    from .lycoris import read_lycoris_file
-
     return read_lycoris_file(path, allow_pickle=allow_pickle)
 
 
@@ -71,13 +69,9 @@ def write_adapter(
     if fmt == "peft":
         if style not in (None, "peft") or prefix is not None:
             raise FormatError("a key style or prefix only applies to LyCORIS files, not PEFT directories")
-        from .peft import write_peft_adapter
-
         write_peft_adapter(af, path)
         return Path(path)
     if style is not None and style not in STYLES:
         raise FormatError(f"unknown key style {style!r} (known: {', '.join(STYLES)})")
-    from .lycoris import write_lycoris_file
-
     write_lycoris_file(af, path, style=style or "lycoris", prefix=prefix, metadata=metadata)
     return Path(path)

@@ -20,20 +20,19 @@ prefix                 convention    component (where it lives)  path
 =====================  ============  =========================  ==========
 
 Underscore paths are ambiguous (``a_b.c`` and ``a.b_c`` both give ``a_b_c``), so they are resolved
-against the real module names of a model (:class:`ModuleIndex`); a component's modules are looked
-up both at the model's root (the model *is* the unet / text encoder) and under the attribute names a
-pipeline-like container uses (``unet``, ``transformer``, ``text_encoder``, ``model.diffusion_model``).
+against real module names (:mod:`lyco.formats.names`, using ``COMPONENT_ROOTS``). The parameter part of a
+key is one of the registered methods' tensor keys (:func:`lyco.methods.registry.file_keys`) or a per-module
+extra (``alpha``).
 """
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 
 from torch import nn
 
 from ..errors import FormatError
-from ..ops.layerops import LayerSpec, layer_spec
+from ..methods.registry import file_keys
 
 
 @dataclass(frozen=True)
@@ -79,16 +78,9 @@ COMPONENT_ROOTS: dict[str, tuple[str, ...]] = {
 PIPELINE_ATTRS = {"unet": "unet", "transformer": "transformer", "text_encoder": "te", "text_encoder_2": "te2",
                   "text_encoder_3": "te3"}  # fmt: skip
 
-# Parameter suffixes → algorithm (``None``: per-module extras).
-PARAM_ALGOS: dict[str, str | None] = {
-    **{p: "loha" for p in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")},
-    **{p: "lokr" for p in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")},
-    "lora_down.weight": "lora",
-    "lora_up.weight": "lora",
-    "alpha": None,
-    "dora_scale": None,
-}
-_PARAMS_LONGEST_FIRST = sorted(PARAM_ALGOS, key=len, reverse=True)
+# Per-module keys that belong to no method: the module's alpha, and keys lyco knows but cannot use yet.
+EXTRA_KEYS = ("alpha",)
+UNSUPPORTED_KEYS = {"dora_scale": "a DoRA 'dora_scale': DoRA is not supported yet"}
 
 STYLES = ("lycoris", "kohya", "peft", "diffusers")
 _KOHYA = {"": "lora_unet_", "unet": "lora_unet_", "transformer": "lora_unet_", "diffusion": "lora_unet_",
@@ -107,7 +99,7 @@ def split_key(key: str) -> tuple[str, str] | None:
     >>> split_key("lora_unet_mid_block_proj_in.lora_down.weight")
     ('lora_unet_mid_block_proj_in', 'lora_down.weight')
     """
-    for param in _PARAMS_LONGEST_FIRST:
+    for param in sorted([*file_keys(), *EXTRA_KEYS, *UNSUPPORTED_KEYS], key=len, reverse=True):
         if key.endswith("." + param) and len(key) > len(param) + 1:
             return key[: -len(param) - 1], param
     return None
@@ -128,76 +120,6 @@ def match_convention(stem: str, prefix: str | None = None) -> Convention | None:
         if stem.startswith(conv.prefix) and len(stem) > len(conv.prefix):
             return conv
     return None
-
-
-def _adaptable(root: nn.Module) -> tuple[dict[str, LayerSpec], dict[str, str]]:
-    """Adaptable modules (name → spec; adapter wrappers count as their base layer) and all other
-    module names (name → type name), skipping the internals of lyco's wrappers."""
-    from ..methods.base import AdaptedLayer
-    from ..modules_to_save import ModulesToSaveWrapper
-
-    specs: dict[str, LayerSpec] = {}
-    others: dict[str, str] = {}
-    hidden: list[str] = []
-    for name, module in root.named_modules():
-        if any(name.startswith(h + ".") for h in hidden):
-            continue
-        if isinstance(module, AdaptedLayer):
-            specs[name] = module.spec
-            hidden.append(name)
-        elif isinstance(module, ModulesToSaveWrapper):
-            others[name] = "ModulesToSaveWrapper"
-            hidden.append(name)
-        elif (spec := layer_spec(module)) is not None:
-            specs[name] = spec
-        elif name:
-            others[name] = type(module).__name__
-    return specs, others
-
-
-class ModuleIndex:
-    """The module names of a model, for resolving file keys (dotted or underscore paths) to modules."""
-
-    def __init__(self, root: nn.Module) -> None:
-        self.specs, self.others = _adaptable(root)
-        self._underscore: dict[str, dict[str, list[str]]] = {}
-
-    def _roots(self, component: str) -> list[str]:
-        extra = [r for r in COMPONENT_ROOTS.get(component, ()) if r in self.others or r in self.specs]
-        return ["", *extra]
-
-    def _under(self, root: str) -> dict[str, list[str]]:
-        if root not in self._underscore:
-            table: dict[str, list[str]] = {}
-            for name in self.specs:
-                if root and not name.startswith(root + "."):
-                    continue
-                table.setdefault(underscore(name[len(root) + 1 :] if root else name), []).append(name)
-            self._underscore[root] = table
-        return self._underscore[root]
-
-    def candidates(self, conv: Convention, path: str) -> list[str]:
-        """Module names ``path`` (the stem without its prefix) can denote, in model order."""
-        found: list[str] = []
-        for root in self._roots(conv.component):
-            full = f"{root}.{path}" if root else path
-            if conv.dotted or "." in path:
-                if full in self.specs:
-                    found.append(full)
-            else:
-                found.extend(self._under(root).get(path, []))
-        return list(dict.fromkeys(found))
-
-    def describe_missing(self, conv: Convention, path: str) -> str:
-        """Why ``path`` names no adaptable module: a module of another type, or the closest names."""
-        for root in self._roots(conv.component):
-            full = f"{root}.{path}" if root else path
-            hit = [n for n in self.others if n == full or (not conv.dotted and underscore(n) == underscore(full))]
-            if hit:
-                return f"module {hit[0]!r} is a {self.others[hit[0]]}, which lyco cannot adapt"
-        forms = {underscore(n) if not conv.dotted else n: n for n in self.specs}
-        close = difflib.get_close_matches(path, list(forms), n=3, cutoff=0.5)
-        return "closest modules: " + (", ".join(forms[c] for c in close) if close else "none")
 
 
 # -- writing -----------------------------------------------------------------------------------

@@ -35,10 +35,12 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import can_return_loss, find_labels, logging
 
-from ..errors import FormatError, ShapeMismatchError
-from ..formats.peft import CONFIG_NAME, PREFIX, adapter_dir, adapter_state_dict, read_peft_dir
+from ..errors import FormatError
+from ..formats.names import ModuleTable
+from ..formats.peft import CONFIG_NAME, adapter_dir, peft_key, read_peft_dir
 from ..model import LycoModel
 from ..sharding import is_sharded
+from ..tree import load_adapter_tensors
 
 __all__ = ["LycoTrainer", "LycoTrainerMixin", "copy_adapter_weights"]
 
@@ -56,39 +58,18 @@ def copy_adapter_weights(model: LycoModel, checkpoint: str | os.PathLike) -> lis
     Each adapter must be in the folder with exactly the keys and shapes the model has; otherwise
     :class:`~lyco.FormatError` / :class:`~lyco.ShapeMismatchError` and nothing is copied.
     """
-    loaded: list[tuple[str, dict[str, torch.Tensor]]] = []
+    table = ModuleTable.from_module(model.model)
+    loaded: dict[str, dict[str, torch.Tensor]] = {}
     for name, config in model.peft_config.items():
         folder = adapter_dir(checkpoint, name)
         if not (folder / CONFIG_NAME).is_file():
             raise FormatError(f"{checkpoint}: no adapter {name!r} ({folder / CONFIG_NAME} is missing)")
-        saved, tensors = read_peft_dir(folder)
+        saved, tensors = read_peft_dir(folder, table=table)
         if saved.peft_type != config.peft_type:
-            raise FormatError(
-                f"{folder}: a {saved.peft_type} adapter, the model's {name!r} is {config.peft_type}"
-            )
-        want = {k: tuple(t.shape) for k, t in adapter_state_dict(model, name).items()}
-        missing, unexpected = sorted(want.keys() - tensors.keys()), sorted(tensors.keys() - want.keys())
-        if missing or unexpected:
-            raise FormatError(
-                f"{folder}: keys differ from adapter {name!r}: missing {missing[:4]}, unexpected {unexpected[:4]}"
-            )
-        for key, shape in want.items():
-            if tuple(tensors[key].shape) != shape:
-                raise ShapeMismatchError(
-                    f"{folder}: key {key!r} has shape {tuple(tensors[key].shape)}, needs {shape}"
-                )
-        loaded.append((name, tensors))
-    with torch.no_grad():
-        for name, tensors in loaded:
-            for lname, layer in model.adapted_layers():
-                if name in layer.lyco_adapters:
-                    for pname, p in layer.lyco_adapters[name].named_parameters():
-                        p.copy_(tensors[f"{PREFIX}{lname}.{pname}"].reshape(p.shape))
-            for wname, wrapper in model._wrappers():
-                if name in wrapper.modules_to_save:
-                    clone = wrapper.modules_to_save[name]
-                    clone.load_state_dict({k: tensors[f"{PREFIX}{wname}.{k}"] for k in clone.state_dict()})
-    return [name for name, _ in loaded]
+            raise FormatError(f"{folder}: a {saved.peft_type} adapter, the model's {name!r} is {config.peft_type}")
+        loaded[name] = tensors
+    load_adapter_tensors(model.model, loaded, str(checkpoint), show=peft_key)
+    return list(loaded)
 
 
 class LycoTrainerMixin:

@@ -1,10 +1,22 @@
-"""Adapter methods: one file per method, registered with :func:`register_method`."""
+"""Adapter methods: one file per method (its config, adapter and on-disk schema), registered with
+:func:`register_method`.
 
-from .base import METHODS, AdaptedLayer, Adapter, AdapterConfig, register_method
+- ``config.py``: :class:`AdapterConfig`, the shared hyper-parameters;
+- ``schema.py``: :class:`MethodSchema` / :class:`Param`, how a method's tensors look on disk;
+- ``adapter.py``: :class:`Adapter`, one adapter on one layer (cost-model hooks included);
+- ``registry.py``: :func:`register_method` and the lookups ``formats/`` and ``tools/`` use;
+- ``loha.py``, ``lokr.py``: the methods; ``lora.py``: plain LoRA files (file-only for now).
+"""
+
+from .adapter import Adapter
+from .config import AdapterConfig
 from .loha import LoHaAdapter, LoHaConfig
 from .lokr import LoKrAdapter, LoKrConfig
+from .lora import LoRAFile
+from .registry import METHODS, register_method
+from .schema import FitOptions, MethodSchema, Param, ShapePlan
 
 __all__ = [
-    "METHODS", "AdaptedLayer", "Adapter", "AdapterConfig", "LoHaAdapter", "LoHaConfig", "LoKrAdapter",
-    "LoKrConfig", "register_method",
+    "METHODS", "Adapter", "AdapterConfig", "FitOptions", "LoHaAdapter", "LoHaConfig", "LoKrAdapter", "LoKrConfig",
+    "LoRAFile", "MethodSchema", "Param", "ShapePlan", "register_method",
 ]  # fmt: skip

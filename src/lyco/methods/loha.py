@@ -1,23 +1,30 @@
-"""LoHa: low-rank Hadamard product adapter (FedPara / LyCORIS ``loha``).
+"""LoHa: low-rank Hadamard product adapter (FedPara / LyCORIS ``loha``), its config and its tensors on disk.
 
 ``ΔW = (w1_a @ w1_b) ⊙ (w2_a @ w2_b) · alpha / r``; for conv kernels with more than one element
 and ``use_effective_conv2d`` the CP form ``cp(t1, w1_a, w1_b) ⊙ cp(t2, w2_a, w2_b)``.
 Parameters: plain ``2·r·(out + in·prod(k))``, CP ``2·r·(out + in) + 2·r²·prod(k)``.
+Files (PEFT folders and LyCORIS/kohya files alike): ``hada_w1_a``, ``hada_w1_b``, ``hada_w2_a``,
+``hada_w2_b`` and, in CP form, the cores ``hada_t1`` / ``hada_t2``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..ops.factorize import infer_loha_plan, plan_loha
-from ..ops.hadamard import hada_apply, hada_delta, hada_delta_cp
+from ..ops.factorize import LoHaPlan, infer_loha_plan, plan_loha
+from ..ops.hadamard import fit_loha, hada_apply, loha_delta
+from ..ops.lowrank import svd_factors
 from ..ops.paths import element_cost
-from .base import Adapter, AdapterConfig, as_dtype, register_method
+from ..ops.tucker import cp_rebuild
+from .adapter import Adapter
+from .config import AdapterConfig
+from .registry import register_method
+from .schema import FitOptions, Param, Shape
 
 
 @dataclass
@@ -42,13 +49,18 @@ class LoHaAdapter(Adapter):
     CP ``hada_w{1,2}_a (r, out)``, ``hada_w{1,2}_b (r, in)``, ``hada_t{1,2} (r, r, *k)``."""
 
     config_cls = LoHaConfig
-    param_names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+    algo = "loha"
+    title = "LoHa"
+    params = (
+        Param("hada_w1_a", ndim=2), Param("hada_w1_b", ndim=2), Param("hada_w2_a", ndim=2), Param("hada_w2_b", ndim=2),
+        Param("hada_t1", min_ndim=3, core=True), Param("hada_t2", min_ndim=3, core=True),
+    )  # fmt: skip
+    param_names = tuple(p.name for p in params)
+    required = (("hada_w1_a",), ("hada_w1_b",), ("hada_w2_a",), ("hada_w2_b",))
+    pairs = (("hada_t1", "hada_t2"), ("hada_t2", "hada_t1"))
     rank_dropout_scale_default = True  # PEFT's LoHa always rescales kept rows
 
-    @classmethod
-    def infer_plan(cls, shapes, weight_shape, r):
-        return infer_loha_plan(shapes, weight_shape)
-
+    # -- module --------------------------------------------------------------------------------
     def create_parameters(self, config: LoHaConfig, *, device, dtype) -> None:
         s = self.spec
         if self.plan is None:
@@ -61,12 +73,6 @@ class LoHaAdapter(Adapter):
             nn.init.kaiming_uniform_(getattr(self, name), a=math.sqrt(5))
         if init_weights:
             nn.init.zeros_(self.hada_w2_b)
-
-    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        w1a, w1b, w2a, w2b = (as_dtype(w, dtype) for w in (self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b))
-        if self.plan.use_cp:
-            return hada_delta_cp(as_dtype(self.hada_t1, dtype), w1a, w1b, as_dtype(self.hada_t2, dtype), w2a, w2b)
-        return hada_delta(w1a, w1b, w2a, w2b).reshape(self.plan.weight_shape)
 
     def build_cost(self, device_type: str = "cpu") -> float:
         """``2·r·o·i`` for the two rank-``r`` products plus ``o·i`` for their Hadamard product, and three
@@ -86,3 +92,61 @@ class LoHaAdapter(Adapter):
     ) -> torch.Tensor:
         w1a = self.hada_w1_a.to(x.dtype) * scale  # (o, r): the smallest place to apply the scale
         return hada_apply(x, w1a, *(w.to(x.dtype) for w in (self.hada_w1_b, self.hada_w2_a, self.hada_w2_b)))
+
+    # -- tensors on disk ---------------------------------------------------------------------------
+    @classmethod
+    def rank(cls, shapes: Mapping[str, Shape]) -> int:
+        return int(shapes["hada_w1_b"][0])
+
+    @classmethod
+    def guess_weight_shape(cls, shapes: Mapping[str, Shape]) -> Shape:
+        """CP: ``(out, in, *k)`` from the cores; otherwise linear ``(out, in·∏k)`` (a flat conv kernel)."""
+        if "hada_t1" in shapes:
+            return (shapes["hada_w1_a"][1], shapes["hada_w1_b"][1], *shapes["hada_t1"][2:])
+        return (shapes["hada_w1_a"][0], shapes["hada_w1_b"][1])
+
+    @classmethod
+    def infer_plan(cls, shapes: Mapping[str, Shape], weight_shape: Shape, r: int | None = None) -> LoHaPlan:
+        return infer_loha_plan(shapes, weight_shape)
+
+    @classmethod
+    def compose(cls, tensors: Mapping[str, torch.Tensor], plan: LoHaPlan | None) -> torch.Tensor:
+        return loha_delta(tensors)
+
+    @classmethod
+    def fit_config(cls, plans, base_r):
+        """``use_effective_conv2d`` when any module has CP cores; modules PEFT would plan otherwise."""
+        use_cp = any(p.use_cp for p in plans.values())
+        problems = []
+        for name, p in plans.items():
+            planned = plan_loha(p.out_features, p.in_features, p.kernel, p.r, use_cp)
+            if planned != p:
+                problems.append(f"{name}: PEFT would plan {planned.param_shapes()}, the tensors are {p.param_shapes()}")
+        return plans, {"use_effective_conv2d": use_cp}, problems
+
+    @classmethod
+    def network_args(cls, modules):
+        return {"use_tucker": "True"} if any("hada_t1" in shapes for shapes, _ in modules) else {}
+
+    @classmethod
+    def extract(cls, delta: torch.Tensor, opts: FitOptions) -> dict[str, torch.Tensor]:
+        """No closed form: :func:`lyco.ops.hadamard.fit_loha` (SVD start, seeded Adam, best iterate)."""
+        tensors, _ = fit_loha(delta.reshape(delta.shape[0], -1), opts.rank, steps=opts.steps, seed=opts.seed)
+        return tensors
+
+    @classmethod
+    def resize(cls, tensors, plan: LoHaPlan, opts: FitOptions) -> dict[str, torch.Tensor]:
+        """Each branch truncated by SVD as the start, then the seeded fit of the whole Hadamard product (rank
+        ``r`` LoHa reaches rank ``r²``; branch-wise SVD alone is not optimal). CP branches come out plain."""
+
+        def branch(i: int) -> torch.Tensor:  # (out, in·∏k)
+            if plan.use_cp:
+                return cp_rebuild(tensors[f"hada_t{i}"], tensors[f"hada_w{i}_a"], tensors[f"hada_w{i}_b"]).flatten(1)
+            return tensors[f"hada_w{i}_a"] @ tensors[f"hada_w{i}_b"]
+
+        b1, b2 = branch(1), branch(2)
+        init = {}
+        init["hada_w1_a"], init["hada_w1_b"] = svd_factors(b1, opts.rank, pad=True)
+        init["hada_w2_a"], init["hada_w2_b"] = svd_factors(b2, opts.rank, pad=True)
+        fitted, _ = fit_loha(b1 * b2, opts.rank, steps=opts.steps, seed=opts.seed, init=init)
+        return fitted

@@ -1,22 +1,26 @@
-"""LoKr: low-rank Kronecker product adapter (LyCORIS ``lokr``).
+"""LoKr: low-rank Kronecker product adapter (LyCORIS ``lokr``), its config and its tensors on disk.
 
 ``ΔW = kron(w1, w2) · alpha / r`` with ``w1 (out_l, in_l)`` and ``w2 (out_r, in_r, *k)``, each a full
 matrix or a rank-``r`` product (``w2`` optionally in CP form with core ``t2``); splits come from
 :func:`lyco.ops.factorize.factorization`. Parameters: full factors ``out_l·in_l + out_r·in_r·prod(k)``;
-low-rank factors ``r·(out_l + in_l)`` and ``r·(out_r + in_r·prod(k))``.
+low-rank factors ``r·(out_l + in_l)`` and ``r·(out_r + in_r·prod(k))``. Files: ``lokr_w1`` or
+``lokr_w1_a/b``, ``lokr_w2`` or ``lokr_w2_a/b``, optional CP core ``lokr_t2``; every split, full factor and
+CP choice is read from the tensor shapes, never recomputed by a factorization. A LoKr with both factors
+full has no rank: files scale it by 1 whatever alpha says (lycoris-lora, kohya, ComfyUI).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..ops.factorize import infer_lokr_plan, plan_lokr
+from ..ops.factorize import LoKrPlan, factorization, infer_lokr_plan, plan_lokr
 from ..ops.kron import (
     kron_apply,
     kron_apply_cost,
@@ -24,11 +28,16 @@ from ..ops.kron import (
     kron_conv_cost,
     kron_order,
     linear_kron_apply,
-    make_kron,
+    lokr_delta,
+    lokr_w1,
+    lokr_w2,
 )
+from ..ops.lowrank import lokr_factors, svd_factors
 from ..ops.paths import element_cost, op_overhead
-from ..ops.tucker import cp_rebuild
-from .base import Adapter, AdapterConfig, as_dtype, register_method
+from .adapter import Adapter
+from .config import AdapterConfig
+from .registry import register_method
+from .schema import FitOptions, Param, Shape
 
 
 @dataclass
@@ -65,14 +74,22 @@ class LoKrAdapter(Adapter):
     exist is decided by :class:`lyco.ops.factorize.LoKrPlan` (``self.plan``)."""
 
     config_cls = LoKrConfig
-    param_names = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+    algo = "lokr"
+    title = "LoKr"
+    params = (
+        Param("lokr_w1", ndim=2), Param("lokr_w1_a", ndim=2), Param("lokr_w1_b", ndim=2), Param("lokr_w2", min_ndim=2),
+        Param("lokr_w2_a", ndim=2), Param("lokr_w2_b", min_ndim=2), Param("lokr_t2", min_ndim=3, core=True),
+    )  # fmt: skip
+    param_names = tuple(p.name for p in params)
+    required = (("lokr_w1", "lokr_w1_a"), ("lokr_w2", "lokr_w2_a"))
+    pairs = (("lokr_w1_a", "lokr_w1_b"), ("lokr_w1_b", "lokr_w1_a"), ("lokr_w2_a", "lokr_w2_b"),
+             ("lokr_w2_b", "lokr_w2_a"), ("lokr_t2", "lokr_w2_a"))  # fmt: skip
+    exclusive = (("lokr_w1", "lokr_w1_a"), ("lokr_w2", "lokr_w2_a"))
+    unranked = "both LoKr factors full"
     rank_dropout_scale_default = False
     factored_conv = True
 
-    @classmethod
-    def infer_plan(cls, shapes, weight_shape, r):
-        return infer_lokr_plan(shapes, weight_shape, r)
-
+    # -- module --------------------------------------------------------------------------------
     def create_parameters(self, config: LoKrConfig, *, device, dtype) -> None:
         s = self.spec
         if self.plan is None:
@@ -94,22 +111,11 @@ class LoKrAdapter(Adapter):
 
     def w1(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Left factor ``(out_l, in_l)`` in ``dtype`` (default: the parameters')."""
-        if self.plan.use_w1:
-            return as_dtype(self.lokr_w1, dtype)
-        return as_dtype(self.lokr_w1_a, dtype) @ as_dtype(self.lokr_w1_b, dtype)
+        return lokr_w1(self.tensors(dtype), self.plan)
 
     def w2(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Right factor ``(out_r, in_r, *k)`` in ``dtype`` (default: the parameters')."""
-        p = self.plan
-        if p.use_w2:
-            return as_dtype(self.lokr_w2, dtype)
-        a, b = as_dtype(self.lokr_w2_a, dtype), as_dtype(self.lokr_w2_b, dtype)
-        if p.use_cp:
-            return cp_rebuild(as_dtype(self.lokr_t2, dtype), a, b)
-        return (a @ b).reshape(p.out_r, p.in_r, *p.kernel)
-
-    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return make_kron(self.w1(dtype), self.w2(dtype))
+        return lokr_w2(self.tensors(dtype), self.plan)
 
     # The factored path runs three more kernels than the dense one (two transposed copies, one matmul).
     FACTORED_EXTRA_OPS = 3
@@ -144,15 +150,148 @@ class LoKrAdapter(Adapter):
         p = self.plan
         if p.use_w2 or kron_order(p.out_l, p.in_l, p.out_r, p.in_r, p.r) != "middle":
             return None
-        w1 = self.w1(x.dtype) * scale
-        return linear_kron_apply(x, weight, bias, w1, self.lokr_w2_a.to(x.dtype), self.lokr_w2_b.to(x.dtype))
+        t = self.tensors(x.dtype)
+        return linear_kron_apply(x, weight, bias, lokr_w1(t, p) * scale, t["lokr_w2_a"], t["lokr_w2_b"])
 
     def factored_delta(
         self, x: torch.Tensor, scale: float | torch.Tensor = 1.0, conv: Callable[..., torch.Tensor] | None = None
     ) -> torch.Tensor:
-        w1 = self.w1(x.dtype) * scale  # (out_l, in_l): the smallest place to apply the scale
+        t, p = self.tensors(x.dtype), self.plan
+        w1 = lokr_w1(t, p) * scale  # (out_l, in_l): the smallest place to apply the scale
         if self.spec.kind == "conv":
-            return kron_conv_apply(x, w1, self.w2(x.dtype), conv)
-        if self.plan.use_w2:
-            return kron_apply(x, w1, self.lokr_w2.to(x.dtype))
-        return kron_apply(x, w1, None, self.lokr_w2_a.to(x.dtype), self.lokr_w2_b.to(x.dtype))
+            return kron_conv_apply(x, w1, lokr_w2(t, p), conv)
+        if p.use_w2:
+            return kron_apply(x, w1, t["lokr_w2"])
+        return kron_apply(x, w1, None, t["lokr_w2_a"], t["lokr_w2_b"])
+
+    # -- tensors on disk ---------------------------------------------------------------------------
+    @classmethod
+    def canonical(cls, tensors, kernel=None):
+        """Also: ``lokr_w2_b (r, in_r, *k)`` (lycoris' ``weight_gen``) flattened; a 1×1 conv's 2-D ``lokr_w2``
+        given the kernel's unit dims."""
+        out = super().canonical(tensors, kernel)
+        if "lokr_w2_b" in out and "lokr_t2" not in out and out["lokr_w2_b"].dim() > 2:
+            out["lokr_w2_b"] = out["lokr_w2_b"].flatten(1)
+        if kernel and math.prod(kernel) == 1 and "lokr_w2" in out and out["lokr_w2"].dim() == 2:
+            out["lokr_w2"] = out["lokr_w2"].reshape(*out["lokr_w2"].shape, *kernel)
+        return out
+
+    @classmethod
+    def rank(cls, shapes: Mapping[str, Shape]) -> int | None:
+        """The rank of the low-rank factor(s); ``None`` when both factors are full."""
+        for name in ("lokr_w1_b", "lokr_w2_b"):
+            if name in shapes:
+                return int(shapes[name][0])
+        return None
+
+    @classmethod
+    def guess_weight_shape(cls, shapes: Mapping[str, Shape]) -> Shape:
+        """``(out_l·out_r, in_l·in_r, *k)``; kernels show only in a full or CP ``w2`` (a flat ``lokr_w2_b``
+        reads as a linear layer)."""
+        s = shapes
+        out_l, in_l = s["lokr_w1"] if "lokr_w1" in s else (s["lokr_w1_a"][0], s["lokr_w1_b"][1])
+        if "lokr_w2" in s:
+            out_r, in_r, *k = s["lokr_w2"]
+        elif "lokr_t2" in s:
+            (out_r, in_r), k = (s["lokr_w2_a"][1], s["lokr_w2_b"][1]), list(s["lokr_t2"][2:])
+        else:
+            out_r, in_r, k = s["lokr_w2_a"][0], s["lokr_w2_b"][1], []
+        return (out_l * out_r, in_l * in_r, *k)
+
+    @classmethod
+    def infer_plan(cls, shapes: Mapping[str, Shape], weight_shape: Shape, r: int | None = None) -> LoKrPlan:
+        return infer_lokr_plan(shapes, weight_shape, r)
+
+    @classmethod
+    def compose(cls, tensors: Mapping[str, torch.Tensor], plan: LoKrPlan) -> torch.Tensor:
+        return lokr_delta(tensors, plan)
+
+    @classmethod
+    def fit_config(cls, plans, base_r):
+        """``decompose_both`` (any factored ``w1``), ``use_effective_conv2d`` (any CP core) and one
+        ``decompose_factor`` giving every split; a full–full module gets a rank under which PEFT's rules also
+        make both factors full."""
+        decompose_both = any(not p.use_w1 for p in plans.values())
+        use_cp = any(p.use_cp for p in plans.values())
+        plans = dict(plans)
+        for name, p in plans.items():
+            if p.both_full:
+                need = max(_ceil_half(max(p.out_r, p.in_r)), _ceil_half(max(p.out_l, p.in_l)) if decompose_both else 1)
+                plans[name] = dataclasses.replace(p, r=max(base_r, need))
+        factor = _peft_factor(plans)
+        problems = [] if factor is not None else ["no single decompose_factor gives every module's Kronecker split"]
+        f = -1 if factor is None else factor
+        for name, p in plans.items():
+            planned = plan_lokr(p.out_features, p.in_features, p.kernel, p.r, f, decompose_both, use_cp)
+            if factor is not None and planned != p:
+                problems.append(f"{name}: PEFT would plan {planned.param_shapes()}, the tensors are {p.param_shapes()}")
+        return plans, {"decompose_both": decompose_both, "decompose_factor": f, "use_effective_conv2d": use_cp}, problems
+
+    @classmethod
+    def network_args(cls, modules):
+        """lycoris-lora's ``factor`` (when one gives every split), ``decompose_both``, ``full_matrix`` (every
+        module full–full) and ``use_tucker``."""
+        args: dict[str, str] = {}
+        factor = _lycoris_factor(modules)
+        if factor is not None:
+            args["factor"] = str(factor)
+        if any("lokr_w1_a" in shapes for shapes, _ in modules):
+            args["decompose_both"] = "True"
+        if all(cls.rank(shapes) is None for shapes, _ in modules):
+            args["full_matrix"] = "True"
+        if any("lokr_t2" in shapes for shapes, _ in modules):
+            args["use_tucker"] = "True"
+        return args
+
+    @classmethod
+    def extract(cls, delta: torch.Tensor, opts: FitOptions) -> dict[str, torch.Tensor]:
+        """The nearest Kronecker product of ``delta`` (Van Loan–Pitsianis), then rank-``r`` SVD factors for the
+        parts :func:`lyco.ops.factorize.plan_lokr` makes low-rank."""
+        out_f, in_f, *kernel = delta.shape
+        plan = plan_lokr(out_f, in_f, tuple(kernel), opts.rank, opts.factor, opts.decompose_both)
+        return lokr_factors(delta, plan)
+
+    @classmethod
+    def resize(cls, tensors, plan: LoKrPlan, opts: FitOptions) -> dict[str, torch.Tensor]:
+        """SVD of the low-rank products ``w1_a @ w1_b`` and ``w2_a @ w2_b`` (a CP ``w2`` is rebuilt and
+        re-factored plainly); full factors stay full."""
+        out: dict[str, torch.Tensor] = {}
+        if plan.use_w1:
+            out["lokr_w1"] = tensors["lokr_w1"]
+        else:
+            out["lokr_w1_a"], out["lokr_w1_b"] = svd_factors(lokr_w1(tensors, plan), opts.rank, pad=True)
+        if plan.use_w2:
+            out["lokr_w2"] = tensors["lokr_w2"]
+        else:
+            w2 = lokr_w2(tensors, plan).reshape(plan.out_r, -1)
+            out["lokr_w2_a"], out["lokr_w2_b"] = svd_factors(w2, opts.rank, pad=True)
+        return out
+
+
+def _ceil_half(x: int) -> int:
+    return (x + 1) // 2
+
+
+def _peft_factor(plans: dict[str, LoKrPlan]) -> int | None:
+    """A ``decompose_factor`` under which PEFT's ``factorization`` gives every module's split, or ``None``."""
+    candidates = [-1, *sorted({d for p in plans.values() for d in (p.out_l, p.in_l, p.out_r, p.in_r)})]
+    for f in candidates:
+        if all(
+            factorization(p.out_features, f) == (p.out_l, p.out_r) and factorization(p.in_features, f) == (p.in_l, p.in_r)
+            for p in plans.values()
+        ):
+            return f
+    return None
+
+
+def _lycoris_factor(modules) -> int | None:
+    """The ``factor`` argument of lycoris-lora that gives every module's split (its rule sorts the pair)."""
+    splits = []
+    for shapes, weight_shape in modules:
+        out_l, in_l = shapes["lokr_w1"] if "lokr_w1" in shapes else (shapes["lokr_w1_a"][0], shapes["lokr_w1_b"][1])
+        splits.append((weight_shape[0], out_l, weight_shape[1], in_l))
+    cands = [-1, *sorted({d for s in splits for d in (s[1], s[3], s[0] // s[1], s[2] // s[3])})]
+    for f in cands:
+        if all(min(factorization(o, f)) == ol and min(factorization(i, f)) == il for o, ol, i, il in splits):
+            return f
+    return None

@@ -84,6 +84,11 @@ class LoKrPlan:
         """Both Kronecker factors are full matrices: LyCORIS files then use scale 1 whatever alpha says."""
         return self.use_w1 and self.use_w2
 
+    @property
+    def ranked(self) -> bool:
+        """The tensors carry the rank ``r`` (not when both factors are full: ``r`` is then only ``alpha / r``'s)."""
+        return not self.both_full
+
     def param_shapes(self) -> dict[str, Shape]:
         """On-disk parameter names and their shapes."""
         k = self.kernel
@@ -197,6 +202,8 @@ class LoHaPlan:
     @property
     def weight_shape(self) -> Shape:
         return (self.out_features, self.in_features, *self.kernel)
+
+    ranked = True  # the tensors carry the rank r
 
     def param_shapes(self) -> dict[str, Shape]:
         o, i, r, k = self.out_features, self.in_features, self.r, self.kernel

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 
 from .amp import autocast_state
+from .factorize import LoKrPlan
 from .paths import element_cost, small_conv_cost
+from .tucker import cp_rebuild
 
 
 def make_kron(lokr_w1: torch.Tensor, lokr_w2: torch.Tensor) -> torch.Tensor:
@@ -26,6 +28,26 @@ def make_kron(lokr_w1: torch.Tensor, lokr_w2: torch.Tensor) -> torch.Tensor:
     # on tensors whose size-1 dims carry odd strides (as einsum outputs can).
     prod = lokr_w1.reshape(a, 1, c, 1, *unit) * lokr_w2.reshape(1, b, 1, d, *k)
     return prod.reshape(a * b, c * d, *k)
+
+
+def lokr_w1(tensors: Mapping[str, torch.Tensor], plan: LoKrPlan) -> torch.Tensor:
+    """Left factor ``w1 (out_l, in_l)``: ``lokr_w1``, or ``lokr_w1_a (out_l, r) @ lokr_w1_b (r, in_l)``."""
+    return tensors["lokr_w1"] if plan.use_w1 else tensors["lokr_w1_a"] @ tensors["lokr_w1_b"]
+
+
+def lokr_w2(tensors: Mapping[str, torch.Tensor], plan: LoKrPlan) -> torch.Tensor:
+    """Right factor ``w2 (out_r, in_r, *k)``: ``lokr_w2``; CP ``cp(lokr_t2, lokr_w2_a, lokr_w2_b)``; or
+    ``lokr_w2_a (out_r, r) @ lokr_w2_b (r, in_r·∏k)`` reshaped."""
+    if plan.use_w2:
+        return tensors["lokr_w2"]
+    if plan.use_cp:
+        return cp_rebuild(tensors["lokr_t2"], tensors["lokr_w2_a"], tensors["lokr_w2_b"])
+    return (tensors["lokr_w2_a"] @ tensors["lokr_w2_b"]).reshape(plan.out_r, plan.in_r, *plan.kernel)
+
+
+def lokr_delta(tensors: Mapping[str, torch.Tensor], plan: LoKrPlan) -> torch.Tensor:
+    """Unscaled LoKr ``ΔW = kron(w1, w2)`` ``(out, in, *k)`` from tensors keyed by on-disk name."""
+    return make_kron(lokr_w1(tensors, plan), lokr_w2(tensors, plan))
 
 
 def _apply_w2(t: torch.Tensor, w2: torch.Tensor | None, w2_a: torch.Tensor | None, w2_b: torch.Tensor | None):

@@ -20,13 +20,15 @@ Shape = tuple[int, ...]
 class LayerSpec:
     """What an adapter needs to know about a base layer.
 
-    ``kind``: ``"linear"``, ``"conv"`` or ``"conv1d_t"`` (transformers ``Conv1D``, weight ``(in, out)``).
+    ``kind``: ``"linear"``, ``"conv"`` or ``"conv1d_t"`` (transformers ``Conv1D``, weight ``(in, out)``);
+    ``in_features`` is per group for grouped convs (``groups``).
     """
 
     kind: str
     out_features: int
     in_features: int
     kernel: Shape
+    groups: int = 1
 
     @property
     def weight_shape(self) -> Shape:
@@ -50,7 +52,7 @@ def layer_spec(module: nn.Module) -> LayerSpec | None:
         return LayerSpec("linear", module.out_features, module.in_features, ())
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         out, in_, *k = module.weight.shape
-        return LayerSpec("conv", out, in_, tuple(k))
+        return LayerSpec("conv", out, in_, tuple(k), module.groups)
     if _is_hf_conv1d(module):
         in_, out = module.weight.shape
         return LayerSpec("conv1d_t", out, in_, ())
@@ -71,16 +73,6 @@ def apply_weight(
     if spec.kind == "conv":
         return module._conv_forward(x, weight, bias)  # type: ignore[operator]
     return F.linear(x, weight, bias)
-
-
-def base_weight(module: nn.Module) -> torch.Tensor:
-    """The base layer's weight tensor (a Parameter; not necessarily canonical layout)."""
-    return module.weight
-
-
-def to_canonical(spec: LayerSpec, weight: torch.Tensor) -> torch.Tensor:
-    """View of a base weight in canonical ``(out, in, *kernel)`` layout."""
-    return weight.mT if spec.kind == "conv1d_t" else weight
 
 
 def from_canonical(spec: LayerSpec, delta: torch.Tensor) -> torch.Tensor:

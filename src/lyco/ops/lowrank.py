@@ -165,3 +165,17 @@ def lokr_factors(weight: torch.Tensor, plan: LoKrPlan) -> dict[str, torch.Tensor
     else:
         out["lokr_w2_a"], out["lokr_w2_b"] = svd_factors(w2.reshape(plan.out_r, -1), plan.r, pad=True)
     return out
+
+
+def lora_delta(lora_up: torch.Tensor, lora_down: torch.Tensor) -> torch.Tensor:
+    """Unscaled LoRA ``ΔW = lora_up (out, r, 1…) @ lora_down (r, in, *k)`` → ``(out, in·∏k)``."""
+    return lora_up.flatten(1) @ lora_down.flatten(1)
+
+
+def lora_factors(weight: torch.Tensor, rank: int) -> dict[str, torch.Tensor]:
+    """kohya LoRA tensors ``lora_down (k, in, *kernel)``, ``lora_up (out, k, 1…)`` whose product is the best
+    rank-``k`` approximation of ``weight (out, in, *kernel)``, ``k = min(rank, out, in·∏kernel)``."""
+    out_f, in_f, *kernel = weight.shape
+    up, down = svd_factors(weight.reshape(out_f, -1), rank)
+    k = up.shape[1]
+    return {"lora_down": down.reshape(k, in_f, *kernel), "lora_up": up.reshape(out_f, k, *[1] * len(kernel))}

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from ..errors import FormatError
 from ..formats.adapterfile import AdapterFile
-from ..formats.convert import guess_weight_shape
 from ..formats.keys import match_convention, underscore
 from ..ops.lowrank import relative_error
-from .base import BaseIndex, attach_base
+from .base_weights import BaseIndex, attach_base
 
 
 def prepare(af: AdapterFile, base: BaseIndex | None = None, to: str | None = None) -> AdapterFile:
@@ -45,7 +44,7 @@ def compare_adapters(src: AdapterFile, dst: AdapterFile) -> tuple[float, int]:
         raise FormatError(f"the converted adapter's modules differ from the source's: {lost}")
     worst = 0.0
     for key, a in a_names.items():
-        shape = guess_weight_shape(src.modules[a])
+        shape = src.modules[a].guess_weight_shape()
         delta = dst.modules[b_names[key]].delta_weight(shape)
         worst = max(worst, relative_error(src.modules[a].delta_weight(shape), delta))
     return worst, len(a_names)

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from ..formats.adapterfile import AdapterFile, ModuleAdapter
-from ..formats.convert import guess_weight_shape
 
 CONVENTIONS = {
     "peft": "PEFT (base_model.model.<module>.<param>)",
@@ -26,7 +25,7 @@ NETWORK_MODULES = {
 }
 RULE_ALPHA = "alpha / r"
 RULE_NO_ALPHA = "no alpha stored → alpha = r (scale 1)"
-RULE_FULL_LOKR = "both LoKr factors full → scale 1 (alpha ignored)"
+RULE_UNRANKED = "{} → scale 1 (alpha ignored)"  # filled with the method's ``unranked`` description
 
 
 @dataclass
@@ -67,8 +66,8 @@ class AdapterReport:
 
 def module_rule(m: ModuleAdapter) -> str:
     """Which part of the scale rule applies to ``m`` (see :meth:`ModuleAdapter.scale`)."""
-    if m.full_lokr:
-        return RULE_FULL_LOKR
+    if m.unranked:
+        return RULE_UNRANKED.format(m.method.unranked)
     if m.alpha is None:
         return RULE_NO_ALPHA
     return RULE_ALPHA
@@ -103,7 +102,7 @@ def describe(af: AdapterFile, path: str | os.PathLike) -> AdapterReport:
         modules.append(
             ModuleInfo(
                 name, m.algo, m.rank, m.alpha, m.scale(), module_rule(m),
-                guess_weight_shape(m), m.num_params(), dtypes,
+                m.guess_weight_shape(), m.num_params(), dtypes,
                 {k: tuple(v.shape) for k, v in sorted(m.tensors.items())},
             )
         )  # fmt: skip

@@ -1,10 +1,13 @@
-"""``lyco extract``: a LoKr or LoHa adapter approximating ``tuned − base``, module by module.
+"""``lyco extract``: an adapter approximating ``tuned − base``, module by module, by the method's own
+``extract`` hook (:meth:`lyco.methods.schema.MethodSchema.extract`).
 
 LoKr: the nearest Kronecker product ``kron(w1, w2)`` of ``ΔW`` (Van Loan–Pitsianis: a rank-1 SVD of
 the rearranged matrix, optimal in the Frobenius norm), then rank-``r`` SVD factors for the parts that
 lyco's plan rules make low-rank (:func:`lyco.ops.factorize.plan_lokr`: ``w2`` is full when
 ``r ≥ max(out_r, in_r)/2``, ``w1`` unless ``decompose_both``). LoHa has no closed form: a short seeded
-Adam fit (:func:`lyco.tools.fit.fit_loha`). Files are streamed (one base/tuned tensor pair at a time).
+Adam fit (:func:`lyco.ops.hadamard.fit_loha`). LoRA: the truncated SVD. Files are streamed (one
+base/tuned tensor pair at a time). The file's ``ss_*`` metadata states what was asked for (``--rank``,
+``--factor``…), as kohya's extraction scripts write it.
 """
 
 from __future__ import annotations
@@ -19,12 +22,19 @@ from safetensors import safe_open
 
 from ..errors import FormatError
 from ..formats.adapterfile import AdapterFile, ModuleAdapter
+from ..formats.metadata import NETWORK_MODULE
+from ..formats.names import WEIGHT
 from ..formats.stream import DTYPES, read_index
-from ..ops.factorize import plan_lokr
-from ..ops.lowrank import lokr_factors, relative_error
+from ..methods.registry import all_methods, method_for_algo
+from ..methods.schema import FitOptions
+from ..ops.hadamard import LOHA_STEPS
+from ..ops.lowrank import relative_error
 from . import ModuleResult, Progress, track
-from .base import WEIGHT
-from .fit import LOHA_STEPS, fit_loha
+
+
+def extract_algos() -> list[str]:
+    """The methods ``extract`` can produce (those with an ``extract`` hook)."""
+    return [m.algo for m in all_methods() if m.implements("extract")]
 
 
 def extract_module(
@@ -36,19 +46,16 @@ def extract_module(
     steps: int = LOHA_STEPS,
     seed: int = 0,
 ) -> ModuleAdapter:
-    """A module adapter (alpha = r, so scale 1; fp32 CPU tensors) whose ``delta_weight()`` approximates
-    ``delta (out, in, *k)``; the maths runs on ``delta``'s device."""
-    shape = tuple(delta.shape)
-    out_f, in_f, *kernel = shape
-    if algo == "lokr":
-        plan = plan_lokr(out_f, in_f, tuple(kernel), rank, factor, decompose_both)
-        tensors = lokr_factors(delta, plan)
-    elif algo == "loha":
-        tensors, _ = fit_loha(delta.reshape(out_f, -1), rank, steps=steps, seed=seed)
-    else:
-        raise FormatError(f"extract supports lokr and loha, not {algo!r}")
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
-    return ModuleAdapter(algo, tensors, alpha=float(rank), weight_shape=shape)
+    """A module adapter (alpha = its rank, so scale 1; fp32 CPU tensors) whose ``delta_weight()``
+    approximates ``delta (out, in, *k)``; the maths runs on ``delta``'s device."""
+    method = method_for_algo(algo)
+    if not method.implements("extract"):
+        raise FormatError(f"extract supports {', '.join(extract_algos())}, not {algo!r}")
+    opts = FitOptions(rank, factor, decompose_both, steps, seed)
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in method.extract(delta, opts).items()}
+    m = ModuleAdapter(algo, tensors, weight_shape=tuple(delta.shape))
+    m.alpha = float(m.rank or rank)
+    return m
 
 
 def candidate_keys(
@@ -114,9 +121,9 @@ def extract_files(
             results.append(ModuleResult(name, algo, tuple(delta.shape), m.rank, err, m.num_params()))
     if not modules:
         raise FormatError(f"{tuned_path}: no weight differs from {base_path}; nothing to extract")
-    args = {"algo": algo, "factor": factor, "decompose_both": decompose_both}
+    args = {"algo": algo, "factor": str(factor), "decompose_both": str(decompose_both)}
     metadata = {
-        "ss_network_module": "lycoris.kohya", "ss_network_dim": str(rank), "ss_network_alpha": str(rank),
+        "ss_network_module": NETWORK_MODULE, "ss_network_dim": str(rank), "ss_network_alpha": str(rank),
         "ss_network_args": json.dumps(args), "lyco_extracted_from": f"{Path(base_path).name} → {Path(tuned_path).name}",
     }  # fmt: skip
     return AdapterFile(modules, convention="lycoris", metadata=metadata), results

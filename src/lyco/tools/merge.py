@@ -19,9 +19,10 @@ import torch
 
 from ..errors import FormatError
 from ..formats.adapterfile import AdapterFile
+from ..formats.names import WEIGHT
 from ..formats.stream import DTYPES, StreamingWriter, iter_tensors, read_index
 from . import Progress, track
-from .base import WEIGHT, BaseIndex, attach_base
+from .base_weights import BaseIndex, attach_base
 
 
 @dataclass

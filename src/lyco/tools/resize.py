@@ -18,61 +18,27 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from ..formats.adapterfile import AdapterFile, ModuleAdapter
-from ..formats.convert import guess_weight_shape
-from ..ops.factorize import infer_loha_plan, infer_lokr_plan
-from ..ops.lowrank import relative_error, svd_factors
-from ..ops.tucker import cp_rebuild
+from ..formats.metadata import ARGS, without_ranks
+from ..methods.lora import LoRAFile
+from ..methods.schema import FitOptions
+from ..ops.hadamard import LOHA_STEPS
+from ..ops.lowrank import relative_error
 from . import ModuleResult, Progress, track
-from .fit import LOHA_STEPS, fit_loha
-
-
-def _branch(t: dict[str, torch.Tensor], i: int) -> torch.Tensor:
-    """LoHa branch ``i`` (1 or 2) as a matrix ``(out, in·∏k)``."""
-    if f"hada_t{i}" in t:
-        return cp_rebuild(t[f"hada_t{i}"], t[f"hada_w{i}_a"], t[f"hada_w{i}_b"]).flatten(1)
-    return t[f"hada_w{i}_a"] @ t[f"hada_w{i}_b"]
 
 
 def resize_module(
     m: ModuleAdapter, rank: int, steps: int = LOHA_STEPS, seed: int = 0
 ) -> tuple[ModuleAdapter, str]:
-    """``m`` re-factored at ``rank`` (same algorithm, same scale) and a note on what was done."""
-    shape = guess_weight_shape(m)
-    t = {k: v.detach().double() for k, v in m.tensors.items()}
+    """``m`` re-factored at ``rank`` by its method's ``resize`` hook (same method, same scale) and a note."""
     old = m.rank
     if old is None:
-        return m, "both LoKr factors full: nothing to resize"
+        return m, f"{m.method.unranked}: nothing to resize"
     if rank >= old:
         return m, f"rank {old} ≤ {rank}: unchanged"
-    new: dict[str, torch.Tensor] = {}
-    if m.algo == "lora":
-        up = t["lora_up"].flatten(1)
-        a, b = svd_factors(up @ t["lora_down"].flatten(1), rank)
-        kernel = t["lora_down"].shape[2:]
-        new["lora_down"] = b.reshape(b.shape[0], *t["lora_down"].shape[1:])
-        new["lora_up"] = a.reshape(a.shape[0], a.shape[1], *[1] * len(kernel))
-    elif m.algo == "lokr":
-        plan = infer_lokr_plan({k: tuple(v.shape) for k, v in t.items()}, shape)
-        if plan.use_w1:
-            new["lokr_w1"] = t["lokr_w1"].float()
-        else:
-            new["lokr_w1_a"], new["lokr_w1_b"] = svd_factors(t["lokr_w1_a"] @ t["lokr_w1_b"], rank, pad=True)
-        if plan.use_w2:
-            new["lokr_w2"] = t["lokr_w2"].float()
-        else:
-            w2 = cp_rebuild(t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"]) if plan.use_cp else None
-            w2 = w2.flatten(1) if w2 is not None else t["lokr_w2_a"] @ t["lokr_w2_b"]
-            new["lokr_w2_a"], new["lokr_w2_b"] = svd_factors(w2, rank, pad=True)
-    else:
-        infer_loha_plan({k: tuple(v.shape) for k, v in t.items()}, shape)
-        b1, b2 = _branch(t, 1), _branch(t, 2)
-        init = {}
-        init["hada_w1_a"], init["hada_w1_b"] = svd_factors(b1, rank, pad=True)
-        init["hada_w2_a"], init["hada_w2_b"] = svd_factors(b2, rank, pad=True)
-        new, _ = fit_loha(b1 * b2, rank, steps=steps, seed=seed, init=init)
+    shape = m.guess_weight_shape()
+    t = {k: v.detach().double() for k, v in m.tensors.items()}
+    new = m.method.resize(t, m.method.infer_plan(m.shapes(), shape), FitOptions(rank, steps=steps, seed=seed))
     dtype = next(iter(m.tensors.values())).dtype
     resized = ModuleAdapter(m.algo, {k: v.to(dtype).contiguous() for k, v in new.items()}, weight_shape=tuple(shape))
     if m.alpha is not None:  # keep the scale: alpha' / r' = alpha / r
@@ -82,23 +48,19 @@ def resize_module(
 
 def to_lora_module(m: ModuleAdapter, rank: int) -> ModuleAdapter:
     """Plain LoRA (kohya layout, alpha = r) with the best rank-``rank`` approximation of ``m``'s scaled ``ΔW``."""
-    shape = guess_weight_shape(m)
-    delta = m.delta_weight(shape).double()
-    out_f, in_f, *kernel = shape
-    up, down = svd_factors(delta.reshape(out_f, -1), rank)
-    k, dtype = up.shape[1], next(iter(m.tensors.values())).dtype
-    tensors = {
-        "lora_down": down.reshape(k, in_f, *kernel).to(dtype).contiguous(),
-        "lora_up": up.reshape(out_f, k, *[1] * len(kernel)).to(dtype).contiguous(),
-    }
-    return ModuleAdapter("lora", tensors, alpha=float(k), weight_shape=tuple(shape))
+    shape = m.guess_weight_shape()
+    dtype = next(iter(m.tensors.values())).dtype
+    tensors = LoRAFile.extract(m.delta_weight(shape).double(), FitOptions(rank))
+    lora = ModuleAdapter(LoRAFile.algo, {k: v.to(dtype).contiguous() for k, v in tensors.items()}, weight_shape=shape)
+    lora.alpha = float(lora.rank)
+    return lora
 
 
 def _run(af: AdapterFile, convert, progress: Progress | None, desc: str) -> tuple[AdapterFile, list[ModuleResult]]:
     modules: dict[str, ModuleAdapter] = {}
     results: list[ModuleResult] = []
     for name, m in track(sorted(af.modules.items()), progress, len(af.modules), desc):
-        shape = guess_weight_shape(m)
+        shape = m.guess_weight_shape()
         new, note = convert(m)
         modules[name] = new
         err = relative_error(m.delta_weight(shape).double(), new.delta_weight(shape).double())
@@ -112,7 +74,8 @@ def resize_adapter(
     """Every module re-factored at ``rank`` (see the module docstring); per module the relative error."""
     if rank < 1:
         raise ValueError(f"rank must be positive, got {rank}")
-    return _run(af, lambda m: resize_module(m, rank, steps, seed), progress, "resize")
+    out, results = _run(af, lambda m: resize_module(m, rank, steps, seed), progress, "resize")
+    return dataclasses.replace(out, metadata=without_ranks(af.metadata)), results  # the writer states the new ranks
 
 
 def to_lora(af: AdapterFile, rank: int, progress: Progress | None = None) -> tuple[AdapterFile, list[ModuleResult]]:
@@ -120,6 +83,6 @@ def to_lora(af: AdapterFile, rank: int, progress: Progress | None = None) -> tup
     if rank < 1:
         raise ValueError(f"rank must be positive, got {rank}")
     out, results = _run(af, lambda m: (to_lora_module(m, rank), ""), progress, "to-lora")
-    metadata = {k: v for k, v in af.metadata.items() if k not in ("ss_network_module", "ss_network_args")}
+    metadata = {k: v for k, v in without_ranks(af.metadata).items() if k not in ("ss_network_module", ARGS)}
     metadata.update(ss_network_module="networks.lora", ss_network_dim=str(rank), ss_network_alpha=str(rank))
     return dataclasses.replace(out, metadata=metadata), results

@@ -1,18 +1,16 @@
-"""The base model as the tools see it: module paths and weight shapes, and matching adapter names to them.
+"""The base weights as the tools see them: module paths and weight shapes, and adapter names matched to them.
 
 A base is a safetensors state dict (a file, or a folder of ``*.safetensors`` shards) or a model
 ``config.json`` (transformers ``architectures`` / diffusers ``_class_name``, built on the meta device —
-nothing is downloaded or allocated). Adapter module names are matched to the base's modules exactly,
-then with dots read as underscores (kohya names), then as a unique dotted suffix (a base saved with an
-extra prefix such as ``model.diffusion_model.``); ambiguity and misses are errors listing candidates.
+nothing is downloaded or allocated). Adapter module names are matched to the base's modules by the one
+resolver :meth:`lyco.formats.names.ModuleTable.resolve` (the rules ``load_lycoris`` uses against a model);
+ambiguity and misses are errors listing candidates.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
-import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,11 +20,8 @@ import torch
 
 from ..errors import FormatError, ShapeMismatchError
 from ..formats.adapterfile import AdapterFile, ModuleAdapter
-from ..formats.keys import match_convention, underscore
+from ..formats.names import WEIGHT, ModuleTable
 from ..formats.stream import read_index
-from ..ops.factorize import infer_loha_plan, infer_lokr_plan
-
-WEIGHT = ".weight"
 
 
 @dataclass(frozen=True)
@@ -37,6 +32,10 @@ class BaseIndex:
     weights: dict[str, tuple[int, ...]]
     files: dict[str, Path]
     source: str
+
+    def table(self) -> ModuleTable:
+        """The base's modules as a :class:`~lyco.formats.names.ModuleTable` (stored weight shapes)."""
+        return ModuleTable(self.weights, source=self.source)
 
 
 def index_base(path: str | os.PathLike) -> BaseIndex:
@@ -99,75 +98,20 @@ def _index_config(path: Path) -> BaseIndex:
 
 
 def resolve_names(names: Iterable[str], modules: Iterable[str], source: str = "base") -> dict[str, str]:
-    """Map each adapter module name to one base module path.
-
-    Tried in order, for the name and then for the name without a known key prefix (``lora_unet_``,
-    ``lycoris_``, ``transformer.``, …): equal; equal with dots read as underscores (kohya); a unique
-    suffix at a path boundary (the base has an extra root such as ``model.diffusion_model.``).
+    """Map each adapter module name to one of ``modules`` (module paths of a base), by the one resolver.
 
     >>> resolve_names(["lora_unet_layers_0_q_proj", "fc"], ["model.layers.0.q_proj", "model.fc", "fc2"])
     {'lora_unet_layers_0_q_proj': 'model.layers.0.q_proj', 'fc': 'model.fc'}
     """
-    modules = list(modules)
-    exact = set(modules)
-    under: dict[str, list[str]] = {}
-    for m in modules:
-        under.setdefault(underscore(m), []).append(m)
-
-    def lookup(form: str) -> list[str]:
-        if form in exact:
-            return [form]
-        u = underscore(form)
-        if u in under:
-            return under[u]
-        dotted = [m for m in modules if m.endswith("." + form)]
-        if dotted or "_" not in form:
-            return dotted
-        return [m for m in modules if underscore(m).endswith("_" + u)]
-
-    out: dict[str, str] = {}
-    missing: list[str] = []
-    for name in names:
-        cands = lookup(name)
-        conv = match_convention(name)
-        if not cands and conv is not None:
-            cands = lookup(name[len(conv.prefix) :])
-        if len(cands) > 1:
-            raise FormatError(f"adapter module {name!r} matches several {source} modules: {sorted(cands)[:8]}")
-        if not cands:
-            missing.append(name)
-        else:
-            out[name] = cands[0]
-    if missing:
-        close = {
-            n: [under[c][0] for c in difflib.get_close_matches(underscore(n), list(under), n=2)] for n in missing[:8]
-        }
-        raise FormatError(f"{len(missing)} adapter module(s) not found in {source} (closest): {close}")
-    return out
-
-
-def fits(m: ModuleAdapter, shape: tuple[int, ...]) -> bool:
-    """Whether ``m``'s tensors compose to a canonical weight ``(out, in, *k)`` of ``shape``."""
-    shapes = {k: tuple(v.shape) for k, v in m.tensors.items()}
-    try:
-        if m.algo == "loha":
-            infer_loha_plan(shapes, shape)
-        elif m.algo == "lokr":
-            infer_lokr_plan(shapes, shape)
-        else:
-            down, up = shapes["lora_down"], shapes["lora_up"]
-            return up[0] == shape[0] and math.prod(down[1:]) == math.prod(shape[1:]) and up[1] == down[0]
-    except (ShapeMismatchError, KeyError):
-        return False
-    return True
+    return ModuleTable(dict.fromkeys(modules, ()), source=source).require(names)
 
 
 def canonical_shape(m: ModuleAdapter, stored: tuple[int, ...], name: str) -> tuple[tuple[int, ...], bool]:
     """``(canonical weight shape, transposed)`` of a base weight stored as ``stored``: 2-D weights the
     adapter only fits transposed are taken as transformers ``Conv1D`` weights, stored ``(in, out)``."""
-    if fits(m, stored):
+    if m.fits(stored):
         return stored, False
-    if len(stored) == 2 and fits(m, stored[::-1]):
+    if len(stored) == 2 and m.fits(stored[::-1]):
         return stored[::-1], True
     raise ShapeMismatchError(f"adapter module {name!r} ({m.algo}) does not fit the base weight {stored}")
 
@@ -179,16 +123,15 @@ def attach_base(af: AdapterFile, base: BaseIndex) -> tuple[AdapterFile, set[str]
     A square 2-D weight fits both ways; it is taken as transposed only when every non-square 2-D weight
     the adapter touches is (a GPT-2-style model stores all its projections ``(in, out)``).
     """
-    names = resolve_names(af.modules, base.weights, base.source)
+    names = base.table().require(af.modules)
     modules: dict[str, ModuleAdapter] = {}
     flipped: set[str] = set()
     straight_2d = square = 0
     for old, new in names.items():
         m = af.modules[old]
         stored = base.weights[new]
+        m = dataclasses.replace(m, tensors=m.method.canonical(m.tensors, tuple(stored[2:])))
         shape, is_flipped = canonical_shape(m, stored, old)
-        if new in modules:
-            raise FormatError(f"two adapter modules resolve to the same base module {new!r}")
         modules[new] = dataclasses.replace(m, weight_shape=shape)
         if is_flipped:
             flipped.add(new)

@@ -1,0 +1,107 @@
+"""The one author of a LyCORIS/kohya file's ``ss_*`` metadata (what kohya's ``train_network.py`` writes).
+
+:func:`file_metadata` decides everything a writer puts in the header, in this order:
+
+1. the adapter's own ``metadata`` — the source file's when it was read, a tool's when it made the adapter
+   (``extract``, ``to-lora``): these values reach the file unchanged — minus stale ``sshs_*`` hashes;
+2. the ``ss_network_*`` keys it lacks, computed from the tensors (:func:`network_metadata`:
+   ``ss_network_module``, most common rank and alpha, and ``ss_network_args`` merged key by key, the
+   declared ones winning);
+3. the caller's ``metadata`` (strings only), on top.
+
+Values are strings, ``ss_network_args`` a JSON object of strings (kohya passes ``--network_args`` through
+as strings: ``"True"``, ``"8"``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from ..errors import FormatError
+from ..methods.registry import method_for_algo
+from .adapterfile import AdapterFile
+
+NETWORK_MODULE = "lycoris.kohya"
+ARGS = "ss_network_args"
+
+
+def effective_alpha(rank: int | None, alpha: float | None, r: int) -> float:
+    """The alpha that gives a module's file scale as ``alpha / r`` (no rank or no alpha: ``r``, scale 1)."""
+    if rank is None or not alpha:
+        return float(r)
+    return float(alpha)
+
+
+def network_metadata(af: AdapterFile) -> dict[str, str]:
+    """``ss_network_module/dim/alpha/args`` as kohya's trainer writes them for a LyCORIS network, computed
+    from the tensors: generic ``algo``, ``conv_dim``, ``conv_alpha``, plus each method's own args
+    (:meth:`~lyco.methods.schema.MethodSchema.network_args`)."""
+    if not af.modules:
+        return {}
+    ranks = {n: m.rank for n, m in af.modules.items()}
+    dims = Counter(r for r in ranks.values() if r is not None)
+    dim = dims.most_common(1)[0][0] if dims else 1
+    alphas = Counter(effective_alpha(ranks[n], m.alpha, ranks[n] or dim) for n, m in af.modules.items())
+    algos = sorted(af.algos())
+    args: dict[str, str] = {"algo": ",".join(algos)}
+    shapes = {n: m.guess_weight_shape() for n, m in af.modules.items()}
+    conv = [n for n, s in shapes.items() if len(s) > 2]
+    if conv:
+        conv_dim = Counter(ranks[n] or dim for n in conv).most_common(1)[0][0]
+        conv_alpha = Counter(effective_alpha(ranks[n], af.modules[n].alpha, ranks[n] or dim) for n in conv)
+        args.update(conv_dim=str(conv_dim), conv_alpha=str(conv_alpha.most_common(1)[0][0]))
+    for algo in algos:
+        mods = [(m.shapes(), shapes[n]) for n, m in af.modules.items() if m.algo == algo]
+        args.update(method_for_algo(algo).network_args(mods))
+    return {
+        "ss_network_module": NETWORK_MODULE,
+        "ss_network_dim": str(dim),
+        "ss_network_alpha": str(alphas.most_common(1)[0][0]),
+        ARGS: json.dumps(args),
+    }
+
+
+def _args(text: str | None) -> dict[str, str]:
+    """``ss_network_args`` as a dict of strings (unreadable or non-object JSON: empty)."""
+    try:
+        parsed = json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        return {}
+    if not isinstance(parsed, dict):
+        return {}
+    return {str(k): v if isinstance(v, str) else _string(v) for k, v in parsed.items()}
+
+
+def _string(value: object) -> str:
+    """A JSON value as kohya would have passed it: ``True`` / ``8`` / ``0.5``; lists and objects as JSON."""
+    return str(value) if isinstance(value, (bool, int, float)) or value is None else json.dumps(value)
+
+
+RANK_KEYS = ("ss_network_dim", "ss_network_alpha")
+RANK_ARGS = ("conv_dim", "conv_alpha")
+
+
+def without_ranks(metadata: dict[str, str]) -> dict[str, str]:
+    """``metadata`` minus the ``ss_*`` values that state ranks or alphas (a tool that changed them leaves
+    them to :func:`file_metadata` to compute again); other ``ss_network_args`` are kept."""
+    out = {k: v for k, v in metadata.items() if k not in RANK_KEYS}
+    if ARGS in out:
+        out[ARGS] = json.dumps({k: v for k, v in _args(out[ARGS]).items() if k not in RANK_ARGS})
+    return out
+
+
+def file_metadata(af: AdapterFile, user: dict[str, str] | None = None) -> dict[str, str]:
+    """The metadata a writer puts in ``af``'s file (see the module docstring)."""
+    out = {k: v for k, v in af.metadata.items() if not k.startswith("sshs_")}
+    computed = network_metadata(af)
+    declared_args = _args(out.get(ARGS)) if ARGS in out else None
+    for key, value in computed.items():
+        out.setdefault(key, value)
+    if declared_args is not None:
+        out[ARGS] = json.dumps({**_args(computed.get(ARGS)), **declared_args})
+    for k, v in (user or {}).items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise FormatError(f"metadata must map strings to strings (safetensors), got {k!r}: {v!r}")
+        out[k] = v
+    return out

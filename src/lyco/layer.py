@@ -1,0 +1,340 @@
+"""``AdaptedLayer``: the wrapper that replaces a targeted module, keeps it as ``base_layer`` and adds its
+adapters' terms in the forward. Rank dropout, module dropout, scaling, merge/unmerge and safe merge live
+here, once, for every method and layer type.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from .errors import MergeError, StateError, UnsupportedLayerError
+from .methods.adapter import Adapter
+from .ops.layerops import SUPPORTED_LAYERS, apply_weight, from_canonical, layer_spec
+
+
+class Term(NamedTuple):
+    """One live adapter's part of a forward: ``scale · mask ⊙ ΔW·x`` computed in ``dtype``.
+
+    ``scale``: the adapter's ``scaling``, in training times its module-dropout 0/1 factor ``(1,)``;
+    ``mask``: the rank-dropout keep-mask over output channels ``(out,)`` (training) or ``None``.
+    """
+
+    adapter: Adapter
+    dtype: torch.dtype
+    scale: float | torch.Tensor
+    mask: torch.Tensor | None
+
+
+def rank_dropout_mask(
+    n: int, p: float, rescale: bool, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """Keep-mask ``(n,)`` over output rows, each dropped with probability ``p``.
+
+    With ``rescale`` the kept rows are divided by the kept fraction; if every row is dropped the
+    mask is all zeros (never ``0 / 0``, PEFT's NaN).
+    """
+    keep = (torch.rand(n, device=device) > p).to(dtype)
+    if rescale:
+        keep = keep / keep.mean().clamp_min(1.0 / n)
+    return keep
+
+
+_FUSABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+_PLAIN = (nn.Parameter, torch.Tensor)
+_FULL_PRECISION = (torch.float32, torch.float64)
+
+
+# torch's registries of global module hooks (dicts filled in place by ``register_module_*_hook``).
+_GLOBAL_HOOKS = tuple(
+    getattr(torch.nn.modules.module, n, {})
+    for n in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")
+)
+
+
+def _global_hooks() -> bool:
+    """Whether any global module hook is registered (fusing would bypass the base layer's ``__call__``)."""
+    return any(_GLOBAL_HOOKS)
+
+
+def _along(factor: float | torch.Tensor, ndim: int, dim: int) -> float | torch.Tensor:
+    """A per-channel factor ``(c,)`` (or ``(1,)``) viewed to broadcast along ``dim`` of an ``ndim``-dim tensor."""
+    if not isinstance(factor, torch.Tensor):
+        return factor
+    shape = [1] * ndim
+    shape[dim] = -1
+    return factor.view(shape)
+
+
+def _dense_delta(terms: list[Term]) -> tuple[torch.Tensor, float]:
+    """``(ΔW, coeff)`` with ``coeff·ΔW = Σ scale·mask·ΔW_i`` over dense terms (canonical layout); a lone term with
+    a plain-number scale and no mask keeps its scale as ``coeff``, so the caller can fold it into
+    ``torch.add(W, ΔW, alpha=coeff)`` instead of writing a scaled copy."""
+    if len(terms) == 1 and not isinstance(terms[0].scale, torch.Tensor) and terms[0].mask is None:
+        return terms[0].adapter.delta_weight(terms[0].dtype), terms[0].scale
+    total: torch.Tensor | None = None
+    for term in terms:
+        delta = term.adapter.delta_weight(term.dtype)
+        factor = term.scale if term.mask is None else term.mask * term.scale
+        delta = delta * _along(factor, delta.dim(), 0)
+        total = delta if total is None else total + delta.to(total.dtype)
+    assert total is not None
+    return total, 1.0
+
+
+
+class AdaptedLayer(nn.Module):
+    """Wraps a base layer (kept as ``base_layer``) and holds its adapters by name.
+
+    ``forward(x) = base_layer(x) + Σ_active scaling_a · mask · ΔW_a·x`` for non-merged adapters, each by
+    its cheaper path (dense ``ΔW`` or factored). Dense deltas are summed and, when :meth:`can_fuse`,
+    added to the base weight for a single matmul/conv.
+
+    ``compute_dtype``: the dtype of the adapter maths — ``"input"`` (default: the input's dtype, so a bf16
+    model computes adapters in bf16 while fp32 master parameters get fp32 gradients), ``"adapter"``
+    (PEFT's rule: the input is cast to the adapter's dtype and the delta back), or a ``torch.dtype``.
+    ``fuse_dense``: allow the fused forwards (default True): dense deltas added to the base weight, and a
+    factored adapter's :meth:`Adapter.fused_linear` running the base matmul in its own autograd node.
+    """
+
+    def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
+        super().__init__()
+        spec = layer_spec(base_layer)
+        if spec is None:
+            raise UnsupportedLayerError(
+                f"module {module_name!r} of type {type(base_layer).__name__} cannot be adapted; "
+                f"supported layers: {SUPPORTED_LAYERS}. Remove it from target_modules."
+            )
+        self.base_layer = base_layer
+        self.spec = spec
+        self.lyco_adapters = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+        self.compute_dtype: str | torch.dtype = "input"
+        self.fuse_dense = True
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self._modules["base_layer"], name)
+
+    # -- per-adapter views (PEFT-style dict access) ---------------------------------------------
+    def _view(self, attr: str) -> dict[str, Any]:
+        return {n: getattr(a, attr) for n, a in self.lyco_adapters.items()}
+
+    r = property(lambda self: self._view("r"))
+    alpha = property(lambda self: self._view("alpha"))
+    scaling = property(lambda self: self._view("scaling"))
+    rank_dropout = property(lambda self: self._view("rank_dropout"))
+    rank_dropout_scale = property(lambda self: self._view("rank_dropout_scale"))
+    module_dropout = property(lambda self: self._view("module_dropout"))
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def get_base_layer(self) -> nn.Module:
+        return self.base_layer
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``base_layer(x) + Σ scale · mask ⊙ ΔW·x`` over the live adapters: dense terms summed into one
+        ``ΔW`` (added to the base weight when :meth:`can_fuse`), then the factored terms (the first one
+        may run inside the base matmul, :meth:`Adapter.fused_linear`)."""
+        names = self.live_adapters()
+        if not names:
+            return self.base_layer(x, *args, **kwargs)
+        base = self._modules["base_layer"]
+        fuse = not args and not kwargs and self.can_fuse(x)
+        dense, factored = self._terms(names, x, fuse)
+        result = None
+        if dense:
+            result = self._dense_forward(x, dense, fuse, args, kwargs)
+        elif fuse and self.spec.kind == "linear" and factored[0].dtype == x.dtype and factored[0].mask is None:
+            first = factored[0]
+            result = first.adapter.fused_linear(x, base.weight, base.bias, first.scale)  # None: cannot fuse
+            if result is not None:
+                factored = factored[1:]
+        if result is None:
+            result = base(x, *args, **kwargs)
+        in_place = self._plain_base() and not (dense and not fuse)  # the result is a fresh tensor only we hold
+        conv = partial(base._conv_forward, bias=None) if factored and self.spec.kind == "conv" else None
+        for term in factored:
+            out = term.adapter.factored_delta(x.to(term.dtype), term.scale, conv)
+            if term.mask is not None:
+                out = out * _along(term.mask, out.dim(), self.spec.channel_dim(out.dim()))
+            result = result.add_(out.to(result.dtype)) if in_place else result + out.to(result.dtype)
+        return result
+
+    def _terms(self, names: list[str], x: torch.Tensor, fuse: bool) -> tuple[list[Term], list[Term]]:
+        """The live adapters' terms for input ``x``, split by path (:meth:`Adapter.select_path`)."""
+        grad = torch.is_grad_enabled()
+        n_rows = x.numel() // max(self.spec.in_features, 1)
+        dense: list[Term] = []
+        factored: list[Term] = []
+        for name in names:
+            adapter = self._materialised(name)
+            dtype = self.resolve_compute_dtype(x, adapter)
+            term = Term(adapter, dtype, *self._factors(adapter, x.device, dtype))
+            path = adapter.select_path(n_rows, x.device.type, grad=grad and adapter.requires_grad, fused=fuse)
+            (factored if path == "factored" else dense).append(term)
+        return dense, factored
+
+    def _dense_forward(
+        self, x: torch.Tensor, terms: list[Term], fuse: bool, args: tuple, kwargs: dict
+    ) -> torch.Tensor:
+        """The base output plus the summed dense terms: ``F.linear(x, W + c·ΔW, b)`` (conv alike) when fused,
+        else the base layer's own call plus ``c·ΔW·x``."""
+        base = self._modules["base_layer"]
+        delta, coeff = _dense_delta(terms)
+        if fuse:  # one matmul/conv with W + coeff·ΔW
+            weight = base.weight
+            return apply_weight(base, self.spec, x, torch.add(weight, delta.to(weight.dtype), alpha=coeff), base.bias)
+        result = base(x, *args, **kwargs)
+        delta = delta if coeff == 1 else delta * coeff
+        return result + apply_weight(base, self.spec, x.to(delta.dtype), delta).to(result.dtype)
+
+    def live_adapters(self) -> list[str]:
+        """Active adapters this layer has that are not merged (empty when adapters are disabled)."""
+        if self.disable_adapters:
+            return []
+        own, merged = self._modules["lyco_adapters"], self.merged_adapters
+        return [n for n in self.active_adapters if n not in merged and n in own]
+
+    def resolve_compute_dtype(self, x: torch.Tensor, adapter: Adapter) -> torch.dtype:
+        """The dtype the adapter's maths runs in for input ``x`` (see :attr:`compute_dtype`)."""
+        mode = self.compute_dtype
+        if mode == "input":
+            return x.dtype
+        return adapter.dtype if mode == "adapter" else mode
+
+    def can_fuse(self, x: torch.Tensor) -> bool:
+        """Whether dense deltas can be added to the base weight for this call and applied by one matmul/conv
+        (``F.linear(x, W + ΔW, b)``) instead of a second one: the base layer is a plain ``nn.Linear``/``Conv1d``/
+        ``Conv2d`` whose forward nothing hooks, its weight a plain fp32/fp64 tensor in ``x``'s dtype and
+        autocast is off (a low-precision ``W + ΔW`` would round away small deltas)."""
+        if not self.fuse_dense or not self._plain_base():
+            return False
+        weight = self._modules["base_layer"]._parameters["weight"]
+        if type(weight) not in _PLAIN or weight.dtype not in _FULL_PRECISION or x.dtype != weight.dtype:
+            return False
+        return not torch.is_autocast_enabled(x.device.type)
+
+    def _plain_base(self) -> bool:
+        """The base layer is exactly ``nn.Linear``/``Conv1d``/``Conv2d`` (no subclass with its own forward) and
+        no module hook can see its call: its output is a fresh tensor nothing else holds."""
+        base = self._modules["base_layer"]
+        if type(base) not in _FUSABLE:
+            return False
+        if base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks:
+            return False
+        return not _global_hooks()
+
+    def _factors(
+        self, adapter: Adapter, device: torch.device, dtype: torch.dtype
+    ) -> tuple[float | torch.Tensor, torch.Tensor | None]:
+        """``(scale, mask)`` of one adapter for this forward: ``scale`` is ``scaling``, in training times the
+        module-dropout 0/1 factor ``(1,)``; ``mask`` the rank-dropout keep-mask ``(out,)`` (training) or None.
+        The 0/1 factor is a tensor, not a Python branch: no host sync, no torch.compile graph break, and
+        every parameter stays in the graph (DDP needs no find_unused_parameters)."""
+        scale: float | torch.Tensor = adapter.scaling
+        mask = None
+        if self.training and adapter.rank_dropout > 0:
+            mask = rank_dropout_mask(self.spec.out_features, adapter.rank_dropout, adapter.rank_dropout_scale, device, dtype)
+        if self.training and adapter.module_dropout > 0:
+            scale = (torch.rand(1, device=device) > adapter.module_dropout).to(dtype) * scale
+        return scale, mask
+
+    def _materialised(self, name: str) -> Adapter:
+        adapter = self._modules["lyco_adapters"][name]
+        if adapter.first_param().is_meta and not self._modules["base_layer"].weight.is_meta:
+            raise StateError(
+                f"adapter {name!r} on {type(self.base_layer).__name__} still has its weights on the meta device "
+                "(low_cpu_mem_usage=True); load its weights before using it"
+            )
+        return adapter
+
+    # -- weights -----------------------------------------------------------------------------
+    def get_delta_weight(self, name: str) -> torch.Tensor:
+        """Scaled ``ΔW`` of one adapter, laid out like the base layer's stored weight. No dropout."""
+        adapter = self._materialised(name)
+        return from_canonical(self.spec, adapter.delta_weight() * adapter.scaling)
+
+    def _delta_fp32(self, name: str) -> torch.Tensor:
+        """Scaled ``ΔW`` built in fp32 (merge precision), laid out like the base weight."""
+        adapter = self._materialised(name)
+        return from_canonical(self.spec, adapter.delta_weight(torch.float32).detach() * adapter.scaling)
+
+    def _merged_weight(self, name: str) -> torch.Tensor:
+        weight = self.base_layer.weight
+        return (weight.data.float() + self._delta_fp32(name)).to(weight.dtype)
+
+    def check_merge(self, adapter_names: list[str], module_name: str = "") -> None:
+        """Raise :class:`MergeError` if merging would put a non-finite value in the weight (no change)."""
+        with torch.no_grad():
+            for name in adapter_names:
+                if name in self.lyco_adapters and not torch.isfinite(self._merged_weight(name)).all():
+                    raise MergeError(
+                        f"merging adapter {name!r} into {module_name or type(self.base_layer).__name__} gives "
+                        "NaN/Inf weights; the adapter is broken (nothing was merged)"
+                    )
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the given adapters (default: active ones) into the base weight."""
+        names = [n for n in (adapter_names if adapter_names is not None else self.active_adapters) if n in self.lyco_adapters]
+        already = [n for n in names if n in self.merged_adapters]
+        if already:
+            raise MergeError(f"adapter(s) {already} are already merged; call unmerge() first")
+        if safe_merge:
+            self.check_merge(names)
+        with torch.no_grad():
+            for name in names:
+                self.base_layer.weight.data.copy_(self._merged_weight(name))
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter from the base weight, last merged first."""
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            while self.merged_adapters:
+                name = self.merged_adapters.pop()
+                weight.data.copy_((weight.data.float() - self._delta_fp32(name)).to(weight.dtype))
+
+    # -- scale -------------------------------------------------------------------------------
+    def check_scalable(self, names: list[str]) -> None:
+        """Changing the scale of a merged adapter would make unmerge subtract the wrong delta."""
+        merged = [n for n in names if n in self.merged_adapters]
+        if merged:
+            raise MergeError(f"adapter(s) {merged} are merged; unmerge before changing their scale")
+
+    def set_scale(self, adapter: str, scale: float) -> None:
+        """``scaling = scale · alpha / r`` for one adapter."""
+        self.check_scalable([adapter])
+        if adapter in self.lyco_adapters:
+            a = self.lyco_adapters[adapter]
+            a.scaling = scale * a.default_scaling()
+
+    def scale_layer(self, scale: float) -> None:
+        """Multiply the scaling of every active adapter by ``scale``."""
+        self.check_scalable(self.active_adapters)
+        for name in self.active_adapters:
+            if name in self.lyco_adapters:
+                self.lyco_adapters[name].scaling *= scale
+
+    def unscale_layer(self, scale: float | None = None) -> None:
+        """Divide active scalings by ``scale``, or reset them to ``alpha / r`` when ``scale`` is None."""
+        self.check_scalable(self.active_adapters)
+        for name in self.active_adapters:
+            if name in self.lyco_adapters:
+                a = self.lyco_adapters[name]
+                a.scaling = a.default_scaling() if scale is None else a.scaling / scale
+
+    def extra_repr(self) -> str:
+        return f"active={self.active_adapters}, merged={self.merged_adapters}"

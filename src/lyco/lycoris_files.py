@@ -1,0 +1,134 @@
+"""LyCORIS / kohya single files ↔ :class:`~lyco.LycoModel`: :func:`save_lycoris`, :func:`load_lycoris`,
+:func:`load_lycoris_into`.
+
+Files are read and written by :mod:`lyco.formats.lycoris` (through an :class:`AdapterFile`); this module
+only turns a model's adapter into one (:func:`adapter_file`) and builds adapters from one, with shape plans
+from the tensors (:func:`lyco.formats.peft_config.fit_config`) and the model's one rollback
+(:meth:`LycoModel.from_adapter_tensors` / :meth:`LycoModel.load_adapter_tensors`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from torch import nn
+
+from .errors import FormatError
+from .formats.adapterfile import AdapterFile, ModuleAdapter
+from .formats.keys import infer_component
+from .formats.lycoris import read_lycoris_file, write_lycoris_file
+from .formats.names import ModuleTable
+from .formats.peft_config import ConfigFit, fit_config
+from .methods.config import AdapterConfig
+from .methods.registry import adapter_class_for
+from .model import LycoModel
+from .targeting import find_targets
+from .tree import wrapper_internals
+
+
+def adapter_file(model: LycoModel, adapter_name: str = "default") -> AdapterFile:
+    """One adapter of ``model`` as an :class:`AdapterFile` (module paths, canonical tensors). A module
+    without a rank in files (LoKr with both factors full), which the model scales by ``alpha / r``, has
+    that factor folded into its tensors and ``alpha = r`` (files scale it by 1)."""
+    if adapter_name not in model.peft_config:
+        raise FormatError(f"no adapter named {adapter_name!r} (adapters: {list(model.peft_config)})")
+    config = model.peft_config[adapter_name]
+    if config.modules_to_save:
+        raise FormatError(
+            f"adapter {adapter_name!r} has modules_to_save, which a LyCORIS file cannot hold; use save_pretrained"
+        )
+    method = adapter_class_for(config)
+    modules: dict[str, ModuleAdapter] = {}
+    for lname, layer in model.adapted_layers():
+        if adapter_name not in layer.lyco_adapters:
+            continue
+        adapter = layer.lyco_adapters[adapter_name]
+        if adapter.is_meta:
+            raise FormatError(f"adapter {adapter_name!r} on {lname!r} has weights on the meta device; load them first")
+        tensors = {k: t.detach() for k, t in adapter.tensors().items()}
+        module = ModuleAdapter(method.algo, tensors, adapter.alpha, tuple(layer.spec.weight_shape))
+        if module.unranked:
+            module = module.with_scale_folded(adapter.alpha / adapter.r, float(adapter.r))
+        modules[lname] = module
+    return AdapterFile(modules, convention="lyco")
+
+
+def save_lycoris(
+    model: LycoModel,
+    path: str | os.PathLike,
+    adapter_name: str = "default",
+    prefix: str | None = None,
+    metadata: dict[str, str] | None = None,
+    style: str = "lycoris",
+) -> None:
+    """Save one adapter of ``model`` as a LyCORIS/kohya file (see :func:`lyco.formats.write_lycoris_file`
+    for ``style``).
+
+    A LoKr module with both factors full and ``alpha ≠ r`` is written with ``alpha / r`` folded into
+    ``lokr_w1`` (files apply scale 1 there), so every reader computes the same output.
+    """
+    af = adapter_file(model, adapter_name)
+    component = infer_component(model.model, list(af.modules))
+    write_lycoris_file(af, path, style=style, prefix=prefix, metadata=metadata, component=component)
+
+
+def _fit(root: nn.Module, af: AdapterFile, skip: set[str]) -> ConfigFit:
+    """The config and plans that rebuild ``af`` on ``root``; ``target_modules`` selects exactly its modules
+    (a regex when the list's suffix rule would also pick other modules)."""
+    fit = fit_config(af, {n: tuple(m.weight_shape) for n, m in af.modules.items()})  # type: ignore[arg-type]
+    config: AdapterConfig = fit.config
+    names = list(config.target_modules)  # type: ignore[arg-type]
+    if set(find_targets(root, config, skip)) != set(names):
+        config.target_modules = "(?:" + "|".join(re.escape(n) for n in names) + ")"
+    return fit
+
+
+def _read(path: str | os.PathLike, root: nn.Module, prefix: str | None, strict: bool, allow_pickle: bool) -> AdapterFile:
+    af = read_lycoris_file(path, model=ModuleTable.from_module(root), prefix=prefix, strict=strict, allow_pickle=allow_pickle)
+    if not af.modules:
+        raise FormatError(f"{path}: no module of the file matches the model")
+    return af
+
+
+def load_lycoris(
+    base_module: nn.Module,
+    path: str | os.PathLike,
+    adapter_name: str = "default",
+    prefix: str | None = None,
+    strict: bool = True,
+    allow_pickle: bool = False,
+    is_trainable: bool = False,
+) -> LycoModel:
+    """Wrap ``base_module`` with the adapter stored in a LyCORIS/kohya file (any key convention of
+    :mod:`lyco.formats.keys`). On any error the module is left untouched.
+
+    ``prefix``: use only keys starting with it (e.g. ``"lora_te1_"``), resolved against ``base_module``.
+    ``strict=False``: keys matching no module are dropped with a warning listing them. A
+    :class:`LycoModel` given as ``base_module`` gets the adapter added (:func:`load_lycoris_into`).
+    """
+    if isinstance(base_module, LycoModel):
+        load_lycoris_into(base_module, path, adapter_name, prefix, strict, allow_pickle, is_trainable)
+        return base_module
+    af = _read(path, base_module, prefix, strict, allow_pickle)
+    fit = _fit(base_module, af, set())
+    return LycoModel.from_adapter_tensors(
+        base_module, fit.config, af.tensors(), adapter_name, plans=fit.plans, is_trainable=is_trainable, source=str(path)
+    )
+
+
+def load_lycoris_into(
+    model: LycoModel,
+    path: str | os.PathLike,
+    adapter_name: str = "default",
+    prefix: str | None = None,
+    strict: bool = True,
+    allow_pickle: bool = False,
+    is_trainable: bool = False,
+) -> None:
+    """Add the adapter stored in a LyCORIS/kohya file to an existing :class:`LycoModel` (all or nothing)."""
+    af = _read(path, model.model, prefix, strict, allow_pickle)
+    fit = _fit(model.model, af, wrapper_internals(model.model))
+    model.load_adapter_tensors(
+        adapter_name, fit.config, af.tensors(), plans=fit.plans, is_trainable=is_trainable, source=str(path)
+    )

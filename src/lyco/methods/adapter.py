@@ -1,0 +1,193 @@
+"""``Adapter``: one adapter's parameters on one layer, with its method's file schema and cost-model hooks.
+
+A method is one file: subclass :class:`~lyco.methods.config.AdapterConfig` and :class:`Adapter`, implement
+``create_parameters``, ``reset_parameters`` and :meth:`~lyco.methods.schema.MethodSchema.compose` (the one
+``ΔW`` formula, also used for files; or override ``delta_weight``), declare the on-disk schema
+(``params`` / ``param_names``, ``rank``, ``guess_weight_shape``…), optionally a factored path
+(``factored_cost`` + ``factored_delta``), then decorate the class with
+:func:`~lyco.methods.registry.register_method`.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, ShapeMismatchError
+from ..ops.layerops import LayerSpec
+from ..ops.paths import call_costs, choose_path, element_cost
+from .config import AdapterConfig
+from .schema import MethodSchema, ShapePlan
+
+META = torch.device("meta")
+
+
+def as_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``t`` cast to ``dtype`` (``None``: unchanged); differentiable, so a cast parameter still gets its grad."""
+    return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+
+class Adapter(nn.Module, MethodSchema, ABC):
+    """One adapter's parameters on one layer. Parameter attribute names are the on-disk names.
+
+    Holds ``r``, ``alpha``, ``scaling = alpha / r``, ``rank_dropout``, ``rank_dropout_scale`` and
+    ``module_dropout``. ``delta_weight()`` is the *unscaled* ``ΔW`` in canonical layout
+    ``(out, in, *kernel)``; the wrapping layer applies ``scaling`` exactly once. ``plan``: the method's
+    shape plan (given, e.g. inferred from a file, or made by ``create_parameters``;
+    :class:`~lyco.methods.schema.ShapePlan` for methods without one).
+    """
+
+    config_cls: ClassVar[type[AdapterConfig]]
+    rank_dropout_scale_default: ClassVar[bool] = True
+    factored_conv: ClassVar[bool] = False  # the factored path also serves Conv1d/Conv2d (groups=1) layers
+    path: str | None = None  # "dense" / "factored" forces this adapter's path; None: LYCO_PATH or cost model
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        config = cls.__dict__.get("config_cls")
+        if "algo" not in cls.__dict__ and config is not None and config.peft_type:
+            cls.algo = config.peft_type.lower()
+
+    def __init__(
+        self,
+        spec: LayerSpec,
+        r: int,
+        alpha: float,
+        config: AdapterConfig,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        plan: Any = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ConfigError(f"{type(self).__name__}: rank r must be a positive integer, got {r!r}")
+        if plan is not None and tuple(plan.weight_shape) != spec.weight_shape:
+            raise ShapeMismatchError(
+                f"{type(self).__name__}: plan for weight {tuple(plan.weight_shape)} given for a layer of {spec.weight_shape}"
+            )
+        self.spec = spec
+        self.plan = plan
+        self.r = r
+        self.alpha = float(alpha)
+        self.scaling = self.default_scaling()
+        self.rank_dropout = float(config.rank_dropout)
+        self.module_dropout = float(config.module_dropout)
+        self.rank_dropout_scale = bool(getattr(config, "rank_dropout_scale", self.rank_dropout_scale_default))
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        self.create_parameters(config, device=device, dtype=dtype if device == META else torch.float32)
+        if self.plan is None:
+            self.plan = ShapePlan(spec.weight_shape, r)
+        if device != META:
+            with torch.no_grad():
+                self.reset_parameters(config.init_weights)
+            if dtype is not None:
+                self.to(dtype)
+
+    # -- to implement per method -------------------------------------------------------------
+    @abstractmethod
+    def create_parameters(self, config: AdapterConfig, *, device: torch.device, dtype: torch.dtype | None) -> None:
+        """Register the parameters for ``self.spec`` (use :meth:`add_param`). ``self.plan`` is a shape plan
+        given by the caller (e.g. inferred from a file), or ``None``: then compute it from ``config``."""
+
+    @abstractmethod
+    def reset_parameters(self, init_weights: bool | str) -> None:
+        """(Re)initialise parameters; ``True`` must give a zero delta."""
+
+    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Unscaled ``ΔW`` with shape ``spec.weight_shape``, built in ``dtype`` (the parameters are cast
+        first, so gradients still reach them in their own dtype); ``None``: the parameters' dtype.
+        Default: :meth:`compose` of the parameters, the formula files use too."""
+        return self.compose(self.tensors(dtype), self.plan).reshape(self.spec.weight_shape)
+
+    def tensors(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The adapter's own parameters by on-disk name, cast to ``dtype`` (differentiably)."""
+        return {name: as_dtype(p, dtype) for name, p in self._parameters.items() if p is not None}
+
+    # -- forward paths and their costs ----------------------------------------------------------
+    def build_cost(self, device_type: str = "cpu") -> float:
+        """Cost of building ``ΔW``: multiply-adds plus the elements of the ``ΔW``-sized tensors it writes
+        (:func:`lyco.ops.paths.element_cost`); compared with :meth:`factored_cost` when that is not None."""
+        return math.prod(self.spec.weight_shape) * (self.r + element_cost(device_type))
+
+    def factored_cost(self, n_rows: int, device_type: str = "cpu") -> float | None:
+        """Forward cost of ``factored_delta`` on ``n_rows`` rows of a linear-like layer (multiply-adds plus
+        kernel-call overheads, see :mod:`lyco.ops.paths`), or ``None`` when the method has no factored path."""
+        return None
+
+    def factored_delta(
+        self, x: torch.Tensor, scale: float | torch.Tensor = 1.0, conv: Callable[..., torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """``scale · ΔW · x`` for ``x (..., in)`` without building ``ΔW``, in ``x``'s dtype (when
+        :meth:`factored_cost` is not None). ``scale``: a number or a ``(1,)`` tensor; fold it into a small
+        factor rather than the output. Conv layers (methods with ``factored_conv``): ``x (N, in, *spatial)``
+        and ``conv(input, weight)`` the base layer's convolution with another weight."""
+        raise NotImplementedError
+
+    def fused_linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float | torch.Tensor
+    ) -> torch.Tensor | None:
+        """``F.linear(x, weight, bias) + scale · ΔW · x`` as one step (a plain ``nn.Linear`` base, everything in
+        ``x``'s dtype, no autocast), when the method can do better than two separate ones; ``None``: it cannot
+        (the default), and the layer adds :meth:`factored_delta` to the base output instead."""
+        return None
+
+    def path_costs(
+        self, n_rows: int, device_type: str = "cpu", *, grad: bool = False, fused: bool = False
+    ) -> tuple[float, float] | None:
+        """Cost ``(dense, factored)`` of one call on ``n_rows`` rows (see :func:`lyco.ops.paths.call_costs`), or
+        ``None`` without a factored path."""
+        factored = self.factored_cost(n_rows, device_type)
+        if factored is None:
+            return None
+        size = math.prod(self.spec.weight_shape)
+        build = self.build_cost(device_type) + (element_cost(device_type) * size if fused else 0)  # W + ΔW
+        return call_costs(build, factored, n_rows * size, grad=grad, fused=fused)
+
+    def select_path(self, n_rows: int, device_type: str, *, grad: bool = False, fused: bool = False) -> str:
+        """``"dense"`` or ``"factored"`` for one call — the only place the path is decided. Dense: conv layers
+        of methods without a factored conv path, grouped convs, methods without a factored path; otherwise
+        ``self.path``, ``LYCO_PATH`` or the cheaper one by the cost model."""
+        if self.spec.kind == "conv" and (not self.factored_conv or self.spec.groups != 1):
+            return "dense"
+        costs = self.path_costs(n_rows, device_type, grad=grad, fused=fused)
+        return "dense" if costs is None else choose_path(*costs, self.path)
+
+    @classmethod
+    def supports(cls, spec: LayerSpec) -> bool:
+        """Whether this method can adapt a layer of this kind (default: all supported kinds)."""
+        return True
+
+    # -- helpers -------------------------------------------------------------------------------
+    def default_scaling(self) -> float:
+        return self.alpha / self.r
+
+    def add_param(self, name: str, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype | None) -> None:
+        setattr(self, name, nn.Parameter(torch.empty(shape, device=device, dtype=dtype)))
+
+    def first_param(self) -> torch.Tensor:
+        """The adapter's first parameter (adapters are created, moved, trained and frozen as a whole)."""
+        own = self._parameters
+        return next(iter(own.values())) if own else next(self.parameters())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.first_param().dtype
+
+    @property
+    def is_meta(self) -> bool:
+        """Weights not materialised yet (created with ``low_cpu_mem_usage=True`` and not loaded)."""
+        return any(p.is_meta for p in self.parameters())
+
+    @property
+    def requires_grad(self) -> bool:
+        """Whether the (first) parameter is trainable: adapters are trained or frozen as a whole."""
+        return self.first_param().requires_grad
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}"

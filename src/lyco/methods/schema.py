@@ -1,0 +1,228 @@
+"""A method's tensors on disk, declared next to its Adapter and read by ``formats/`` and ``tools/``.
+
+A method (an :class:`~lyco.methods.adapter.Adapter` subclass, or a file-only :class:`MethodSchema` such as
+plain LoRA) says which tensors it owns (:class:`Param`: name, dims, CP core, LyCORIS key), which are
+required / paired / mutually exclusive, and how rank, layer weight shape, shape plan and ``ΔW`` are read
+back from a dict of tensors keyed by name. Every file path (read, write, inspect, convert, merge, extract,
+resize, to-lora) goes through these hooks, so a new method needs no edit outside its own file.
+
+Tensors are in lyco's canonical layout (conv CP cores ``(r, r, *k)``, no trailing unit dims); ``shapes``
+arguments map the same names to shapes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import FormatError, ShapeMismatchError
+
+Shape = tuple[int, ...]
+Tensors = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One tensor a method owns.
+
+    ``name``: the Adapter's parameter name, which is also the key suffix in PEFT folders and LyCORIS files
+    unless ``key`` names another LyCORIS/kohya suffix (``lora_down.weight``). ``ndim``: exact number of
+    dims, or ``None`` for at least ``min_ndim`` (conv kernels add dims). ``core``: a conv CP core
+    ``(r, r, *k)`` (PEFT stores 1-D ones as ``(r, r, k, 1)``). ``identifies``: the key alone tells a file
+    module's method (shared extras would set it False).
+    """
+
+    name: str
+    ndim: int | None = None
+    min_ndim: int = 1
+    core: bool = False
+    key: str | None = None
+    identifies: bool = True
+
+    @property
+    def file_key(self) -> str:
+        return self.key or self.name
+
+    def check(self, t: torch.Tensor, where: str) -> None:
+        """:class:`FormatError` for a non-float tensor, :class:`ShapeMismatchError` for wrong or empty dims."""
+        if not t.dtype.is_floating_point:
+            raise FormatError(f"{where} has dtype {t.dtype}, expected a float tensor")
+        low = self.min_ndim if self.ndim is None else self.ndim
+        if (self.ndim is not None and t.dim() != self.ndim) or t.dim() < low or 0 in t.shape:
+            want = f"{self.ndim}" if self.ndim is not None else f"at least {low}"
+            raise ShapeMismatchError(f"{where} has shape {tuple(t.shape)}; {self.name} needs {want} non-empty dims")
+
+
+@dataclass(frozen=True)
+class ShapePlan:
+    """The plan of a method without a shape plan of its own: the layer's canonical weight shape and the rank
+    (``ranked``: read off the tensors; otherwise the ``r`` it was inferred with).
+
+    Every plan has ``weight_shape``, ``r`` and ``ranked``: a model gives an adapter built from a plan the
+    plan's ``r`` when ``ranked``, else the config's (``rank_pattern``)."""
+
+    weight_shape: Shape
+    r: int
+    ranked: bool = True
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """How ``extract`` / ``resize`` build factors: the ``rank``; LoKr's split ``factor`` and
+    ``decompose_both``; ``steps`` / ``seed`` of a fitted method (LoHa)."""
+
+    rank: int
+    factor: int = -1
+    decompose_both: bool = False
+    steps: int = 300
+    seed: int = 0
+
+
+class MethodSchema:
+    """On-disk description of a method; every hook is a classmethod with a documented default.
+
+    Required: ``param_names`` (or ``params``), :meth:`compose`; for file tooling also :meth:`rank` (when the
+    tensors have one) and :meth:`guess_weight_shape`. ``algo`` is the method's name in files and in
+    ``ss_network_args`` (default: the config's ``peft_type`` in lower case); ``title`` its human name.
+    """
+
+    algo: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    param_names: ClassVar[tuple[str, ...]] = ()
+    params: ClassVar[tuple[Param, ...]] = ()
+    required: ClassVar[tuple[tuple[str, ...], ...] | None] = None  # groups: one of each must exist (None: all)
+    pairs: ClassVar[tuple[tuple[str, str], ...]] = ()  # (a, b): a needs b
+    exclusive: ClassVar[tuple[tuple[str, str], ...]] = ()  # never both
+    unranked: ClassVar[str] = "no factored rank"  # what a module without rank is (files scale it by 1)
+
+    # -- declared tensors -------------------------------------------------------------------------
+    @classmethod
+    def tensor_params(cls) -> dict[str, Param]:
+        """Name → :class:`Param` for every tensor the method owns (``params``, else ``param_names``)."""
+        declared = cls.params or tuple(Param(n) for n in cls.param_names)
+        return {p.name: p for p in declared}
+
+    @classmethod
+    def display(cls) -> str:
+        return cls.title or cls.algo
+
+    @classmethod
+    def check_module(cls, names: set[str], where: str) -> None:
+        """:class:`FormatError` unless ``names`` is a complete, consistent set of this method's tensors."""
+        own = cls.tensor_params()
+        unknown = sorted(names - own.keys())
+        if unknown:
+            raise FormatError(f"{where} ({cls.algo}) has tensors {unknown} that are not {cls.display()} tensors")
+        groups = cls.required if cls.required is not None else tuple((n,) for n in own)
+        for options in groups:
+            if not any(o in names for o in options):
+                raise FormatError(f"{where} ({cls.algo}) is missing {' or '.join(map(repr, options))}")
+        for a, b in cls.pairs:
+            if a in names and b not in names:
+                raise FormatError(f"{where} has {a!r} without {b!r}")
+        for a, b in cls.exclusive:
+            if a in names and b in names:
+                raise FormatError(f"{where} has both {a!r} and {b!r}")
+
+    # -- layouts ----------------------------------------------------------------------------------
+    @classmethod
+    def canonical(cls, tensors: Tensors, kernel: Shape | None = None) -> dict[str, torch.Tensor]:
+        """``tensors`` in lyco's canonical layout. Without ``kernel`` only layout fixes that need no layer;
+        with the layer's kernel also PEFT's 1-D conv cores ``(r, r, k, 1)`` → ``(r, r, k)``."""
+        params = cls.tensor_params()
+        out = dict(tensors)
+        if kernel is not None and len(kernel) == 1:
+            for name, t in tensors.items():
+                if name in params and params[name].core and t.dim() == 4 and t.shape[-1] == 1:
+                    out[name] = t.reshape(t.shape[:-1])
+        return out
+
+    @classmethod
+    def peft_layout(cls, tensors: Tensors) -> dict[str, torch.Tensor]:
+        """``tensors`` as PEFT stores them: 1-D conv CP cores ``(r, r, k)`` gain a trailing unit dim."""
+        params = cls.tensor_params()
+        return {
+            n: t.reshape(*t.shape, 1) if n in params and params[n].core and t.dim() == 3 else t for n, t in tensors.items()
+        }
+
+    # -- shapes, plan, ΔW -------------------------------------------------------------------------
+    @classmethod
+    def rank(cls, shapes: Mapping[str, Shape]) -> int | None:
+        """The rank ``r`` of ``alpha / r`` read off the tensors; ``None``: no rank (files then scale by 1,
+        whatever alpha says). Default: ``None``."""
+        return None
+
+    @classmethod
+    def guess_weight_shape(cls, shapes: Mapping[str, Shape]) -> Shape:
+        """The layer weight ``(out, in, *k)`` the tensors describe when no model or base gives it."""
+        raise FormatError(f"{cls.display()} modules need a base model to tell their layer's shape (pass --base)")
+
+    @classmethod
+    def infer_plan(cls, shapes: Mapping[str, Shape], weight_shape: Shape, r: int | None = None) -> Any:
+        """The shape plan of tensors ``shapes`` for a layer weight ``weight_shape`` (``r``: the rank to use when
+        the tensors carry none). :class:`ShapeMismatchError` when they do not fit. Default: a
+        :class:`ShapePlan` once :meth:`compose` of the shapes (on the meta device) has the layer's size;
+        ``None`` (plan from the config) for a method without :meth:`compose`."""
+        if not cls.implements("compose"):
+            return None
+        meta = {n: torch.empty(s, device="meta") for n, s in shapes.items()}
+        try:
+            size = cls.compose(meta, None).numel()
+        except (RuntimeError, KeyError, ValueError, IndexError) as exc:
+            raise ShapeMismatchError(f"{cls.display()} tensors {dict(shapes)} do not compose ({exc})") from None
+        if size != math.prod(weight_shape):
+            raise ShapeMismatchError(
+                f"{cls.display()} tensors {dict(shapes)} give {size} weights, the layer has {tuple(weight_shape)}"
+            )
+        rank = cls.rank(shapes)
+        return ShapePlan(tuple(weight_shape), rank if rank is not None else (r or 1), rank is not None)
+
+    @classmethod
+    def compose(cls, tensors: Tensors, plan: Any) -> torch.Tensor:
+        """Unscaled ``ΔW`` from ``tensors`` (its own size; callers reshape it to the weight shape). The one
+        formula: the Adapter's ``delta_weight`` calls it with its parameters, files with their tensors."""
+        raise FormatError(f"{cls.display()}: the method defines no compose(tensors, plan); ΔW cannot be read from files")
+
+    @classmethod
+    def fold_scale(cls, tensors: Tensors, factor: float) -> dict[str, torch.Tensor]:
+        """Tensors whose ``ΔW`` is ``factor`` times this one's. Default: the first declared tensor present is
+        scaled (``ΔW`` is linear in each factor of a product)."""
+        out = dict(tensors)
+        if factor != 1:
+            first = next(n for n in cls.tensor_params() if n in out)
+            out[first] = out[first] * factor
+        return out
+
+    # -- configs and metadata ---------------------------------------------------------------------
+    @classmethod
+    def fit_config(cls, plans: dict[str, Any], base_r: int) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+        """``(plans, config options, problems)``: config fields (beyond r/alpha/patterns) under which the
+        method's own planning reproduces ``plans`` (per module; a plan without rank may get one), and the
+        modules it would plan differently. Default: nothing to choose, no problems."""
+        return plans, {}, []
+
+    @classmethod
+    def network_args(cls, modules: list[tuple[Mapping[str, Shape], Shape]]) -> dict[str, str]:
+        """Method-specific ``ss_network_args`` (strings, as kohya writes them) for ``(shapes, weight shape)``
+        of each module of this method in a file. Default: none."""
+        return {}
+
+    # -- tools -----------------------------------------------------------------------------------
+    @classmethod
+    def extract(cls, delta: torch.Tensor, opts: FitOptions) -> dict[str, torch.Tensor]:
+        """Unscaled tensors (scale 1: alpha = their rank) approximating ``delta (out, in, *k)``."""
+        raise FormatError(f"{cls.display()} adapters cannot be extracted from weight differences")
+
+    @classmethod
+    def resize(cls, tensors: Tensors, plan: Any, opts: FitOptions) -> dict[str, torch.Tensor]:
+        """Tensors at rank ``opts.rank`` (below the current one) with about the same unscaled ``ΔW``."""
+        raise FormatError(f"{cls.display()} adapters cannot be resized")
+
+    @classmethod
+    def implements(cls, hook: str) -> bool:
+        """Whether the method overrides ``hook`` (e.g. ``"extract"``) instead of inheriting the default."""
+        return getattr(cls, hook).__func__ is not getattr(MethodSchema, hook).__func__
