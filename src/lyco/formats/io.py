@@ -26,7 +26,7 @@ def _read_umask() -> int:
 _UMASK = _read_umask()  # read once: os.umask can only be read by setting it
 
 
-def _publish(tmp: str, path: Path) -> None:
+def publish(tmp: str, path: Path) -> None:
     """Give the temp file normal permissions (mkstemp makes it 0600), then rename it into place."""
     os.chmod(tmp, 0o666 & ~_UMASK)
     os.replace(tmp, path)
@@ -68,7 +68,7 @@ def write_tensors(
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
-        _publish(tmp, path)
+        publish(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -83,7 +83,7 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
-        _publish(tmp, path)
+        publish(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

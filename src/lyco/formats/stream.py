@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import FormatError
-from .io import _publish
+from .io import publish
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -125,7 +125,7 @@ class StreamingWriter:
                 missing = self._order[self._next :]
                 raise FormatError(f"{self.path}: {len(missing)} tensor(s) never written, first {missing[0]!r}")
             if exc_type is None:
-                _publish(self._tmp, self.path)
+                publish(self._tmp, self.path)
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(self._tmp)

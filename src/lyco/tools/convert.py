@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from ..errors import FormatError
 from ..formats.adapterfile import AdapterFile
-from ..formats.keys import match_convention, underscore
+from ..formats.keys import match_convention
+from ..formats.names import ModuleTable
 from ..ops.lowrank import relative_error
 from .base_weights import BaseIndex, attach_base
 
@@ -28,23 +29,16 @@ def prepare(af: AdapterFile, base: BaseIndex | None = None, to: str | None = Non
     return af
 
 
-def _plain_path(name: str) -> str:
-    """A module name without a known key prefix, dots as underscores (how every convention can be compared)."""
-    conv = match_convention(name)
-    return underscore(name[len(conv.prefix) :] if conv is not None else name)
-
-
 def compare_adapters(src: AdapterFile, dst: AdapterFile) -> tuple[float, int]:
-    """``(max over modules of ‖ΔW_src − ΔW_dst‖/‖ΔW_src‖, modules compared)``; module names are compared
-    without their key prefix and with dots as underscores (conventions spell paths differently)."""
-    a_names = {_plain_path(n): n for n in src.modules}
-    b_names = {_plain_path(n): n for n in dst.modules}
-    if a_names.keys() != b_names.keys() or len(a_names) != len(src.modules):
-        lost = sorted(set(a_names) ^ set(b_names))[:8]
-        raise FormatError(f"the converted adapter's modules differ from the source's: {lost}")
+    """``(max over modules of ‖ΔW_src − ΔW_dst‖/‖ΔW_src‖, modules compared)``; ``dst``'s module names are
+    resolved against ``src``'s by the one resolver (conventions spell paths differently)."""
+    table = ModuleTable(dict.fromkeys(src.modules, ()), source="the source adapter")
+    names = table.require(dst.modules, what="converted")
+    lost = sorted(set(src.modules) - set(names.values()))
+    if lost:
+        raise FormatError(f"the converted adapter lacks modules of the source: {lost[:8]}")
     worst = 0.0
-    for key, a in a_names.items():
+    for b, a in names.items():
         shape = src.modules[a].guess_weight_shape()
-        delta = dst.modules[b_names[key]].delta_weight(shape)
-        worst = max(worst, relative_error(src.modules[a].delta_weight(shape), delta))
-    return worst, len(a_names)
+        worst = max(worst, relative_error(src.modules[a].delta_weight(shape), dst.modules[b].delta_weight(shape)))
+    return worst, len(names)

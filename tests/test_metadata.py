@@ -1,0 +1,89 @@
+"""``ss_*`` metadata has one author (``lyco.formats.metadata.file_metadata``): a tool's values reach the file
+unchanged, missing ``ss_network_*`` keys are computed from the tensors, values are strings as kohya writes them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+import lyco
+from lyco import cli
+from lyco.formats import AdapterFile, ModuleAdapter, read_adapter, write_lycoris_file
+from lyco.formats.metadata import file_metadata
+
+
+def metadata(path: Path) -> dict[str, str]:
+    with safe_open(str(path), "pt") as fh:
+        return dict(fh.metadata() or {})
+
+
+def all_strings(args: dict) -> bool:
+    return all(isinstance(v, str) for v in args.values())
+
+
+def test_extract_metadata_is_what_was_asked_for(tmp_path: Path, capsys) -> None:
+    """r=2 on 8×8 layers: every LoKr comes out with both factors full (no rank in the tensors), yet the file
+    says ss_network_dim 2 — what extract was asked for, as kohya's scripts write it (it used to say 1)."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    tuned = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    tuned.load_state_dict({k: v + 0.1 * torch.randn_like(v) for k, v in base.state_dict().items()})
+    for net, name in ((base, "base"), (tuned, "tuned")):
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / f"{name}.safetensors"))
+    out = tmp_path / "x.safetensors"
+    argv = ["extract", str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors"), str(out)]
+    assert cli.main([*argv, "--algo", "lokr", "--rank", "2", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert all(m.rank is None for m in read_adapter(out).modules.values())
+    meta = metadata(out)
+    assert meta["ss_network_module"] == "lycoris.kohya"
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("2", "2")
+    args = json.loads(meta["ss_network_args"])
+    assert args["algo"] == "lokr" and args["factor"] == "-1" and args["decompose_both"] == "False"
+    assert all_strings(args) and args["full_matrix"] == "True"  # computed keys fill in what extract did not say
+
+
+def test_declared_values_win_and_json_types_become_strings(tmp_path: Path) -> None:
+    t = {"lokr_w1": torch.randn(2, 2), "lokr_w2_a": torch.randn(4, 1), "lokr_w2_b": torch.randn(1, 4)}
+    declared = {"ss_network_dim": "16", "ss_network_args": json.dumps({"algo": "lokr", "use_tucker": False, "factor": 4,
+                "preset": "attn-mlp"}), "sshs_model_hash": "stale", "ss_output_name": "kept"}  # fmt: skip
+    af = AdapterFile({"fc": ModuleAdapter("lokr", t, alpha=1.0, weight_shape=(8, 8))}, metadata=declared)
+    meta = file_metadata(af, {"ss_output_name": "user"})
+    assert meta["ss_network_dim"] == "16"  # declared: unchanged (the tensors say 1)
+    assert meta["ss_network_alpha"] == "1.0" and meta["ss_network_module"] == "lycoris.kohya"  # computed: missing
+    assert "sshs_model_hash" not in meta and meta["ss_output_name"] == "user"
+    args = json.loads(meta["ss_network_args"])
+    assert args == {"algo": "lokr", "use_tucker": "False", "factor": "4", "preset": "attn-mlp"} | {
+        k: v for k, v in args.items() if k not in ("algo", "use_tucker", "factor", "preset")
+    }
+    assert all_strings(args) and args["use_tucker"] == "False" and args["factor"] == "4"
+    path = tmp_path / "a.safetensors"
+    write_lycoris_file(af, path)
+    assert metadata(path)["ss_network_dim"] == "16"
+
+
+def test_saved_model_args_are_strings(tmp_path: Path) -> None:
+    net = nn.Sequential(nn.Conv2d(16, 32, 3), nn.Flatten(), nn.Linear(64, 64))  # conv: CP w2; linear: w1 factored
+    model = lyco.get_model(net, lyco.LoKrConfig(r=2, target_modules=["0", "2"], decompose_both=True,
+                                                use_effective_conv2d=True, init_weights=False))  # fmt: skip
+    path = tmp_path / "m.safetensors"
+    lyco.save_lycoris(model, path)
+    args = json.loads(metadata(path)["ss_network_args"])
+    assert all_strings(args) and args["use_tucker"] == "True" and args["decompose_both"] == "True"
+
+
+def test_resize_states_the_new_ranks(tmp_path: Path, capsys) -> None:
+    model = lyco.get_model(nn.Sequential(nn.Linear(16, 16)), lyco.LoHaConfig(r=4, alpha=4, init_weights=False,
+                                                                              target_modules=["0"]))  # fmt: skip
+    src, out = tmp_path / "r4.safetensors", tmp_path / "r2.safetensors"
+    lyco.save_lycoris(model, src, metadata={"ss_output_name": "mine"})
+    assert metadata(src)["ss_network_dim"] == "4"
+    assert cli.main(["resize", str(src), str(out), "--rank", "2", "--steps", "5", "--no-progress"]) == 0
+    capsys.readouterr()
+    meta = metadata(out)
+    assert meta["ss_network_dim"] == "2" and meta["ss_network_alpha"] == "2.0" and meta["ss_output_name"] == "mine"
