@@ -217,3 +217,12 @@ PEFT_CASES = [
     ("lokr-factor", "LoKrConfig", {"r": 1, "alpha": 2, "target_modules": ALL, "decompose_factor": 2,
                                    "alpha_pattern": {"conv1d": 0.5}}),
 ]  # fmt: skip
+
+
+def hada_delta_naive(hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b, hada_t1=None, hada_t2=None) -> torch.Tensor:
+    """LoHa reference formula with plain autograd and einsums: same result as ``lyco.ops.hadamard.hada_delta`` / ``_cp``."""
+    if hada_t1 is None:
+        return (hada_w1_a @ hada_w1_b) * (hada_w2_a @ hada_w2_b)
+    r1 = torch.einsum("ij...,jr,ip->pr...", hada_t1, hada_w1_b, hada_w1_a)
+    r2 = torch.einsum("ij...,jr,ip->pr...", hada_t2, hada_w2_b, hada_w2_a)
+    return r1 * r2

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 import lyco
-from lyco.ops.hadamard import hada_delta, hada_delta_cp, hada_delta_naive
+from conftest import hada_delta_naive
+from lyco.ops.hadamard import hada_delta, hada_delta_cp
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 HALF = [torch.bfloat16, torch.float16]

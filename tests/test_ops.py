@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lyco
+from conftest import hada_delta_naive
 from lyco.ops import (
     LoHaPlan,
     LoKrPlan,
@@ -17,7 +18,6 @@ from lyco.ops import (
     factorization,
     hada_delta,
     hada_delta_cp,
-    hada_delta_naive,
     infer_loha_plan,
     infer_lokr_plan,
     make_kron,

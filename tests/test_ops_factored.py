@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lyco.ops.hadamard import hada_apply, hada_delta_naive
+from conftest import hada_delta_naive
+from lyco.ops.hadamard import hada_apply
 from lyco.ops.kron import _KronApply, _KronApplyLowRank, kron_apply, kron_order, linear_kron_apply, make_kron
 
 F64 = torch.float64

@@ -45,6 +45,8 @@ class Convention:
     dotted: bool
 
 
+PEFT_PREFIX = "base_model.model."  # PEFT's key prefix (PEFT folders: formats.peft.peft_key)
+
 CONVENTIONS: tuple[Convention, ...] = (
     Convention("lycoris_", "lycoris", "", False),
     Convention("lora_unet_", "kohya", "unet", False),
@@ -54,7 +56,7 @@ CONVENTIONS: tuple[Convention, ...] = (
     Convention("lora_te3_", "kohya", "te3", False),
     Convention("lora_transformer_", "onetrainer", "transformer", False),
     Convention("diffusion_model.", "ai-toolkit", "diffusion", True),
-    Convention("base_model.model.", "peft", "", True),
+    Convention(PEFT_PREFIX, "peft", "", True),
     Convention("transformer.", "diffusers", "transformer", True),
     Convention("unet.", "diffusers", "unet", True),
     Convention("text_encoder.", "diffusers", "te", True),
@@ -153,7 +155,7 @@ def key_prefix(style: str, component: str, has_te2: bool = False) -> str:
     if style == "lycoris":
         return "lycoris_"
     if style == "peft":
-        return "base_model.model."
+        return PEFT_PREFIX
     if style == "kohya":
         return "lora_te1_" if component == "te" and has_te2 else _KOHYA[component]
     if style == "diffusers":

@@ -29,12 +29,12 @@ from ..methods.registry import method_for_peft_type
 from ..methods.schema import MethodSchema
 from .adapterfile import AdapterFile, ModuleAdapter
 from .io import read_tensors, write_tensors, write_text
-from .keys import module_keys
+from .keys import PEFT_PREFIX, module_keys
 from .lycoris import resolve_adapter_file
 from .names import ModuleTable
 from .peft_config import fit_config
 
-PREFIX = "base_model.model."
+PREFIX = PEFT_PREFIX
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"

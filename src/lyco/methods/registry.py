@@ -90,7 +90,3 @@ def file_keys() -> dict[str, tuple[type[MethodSchema], str]]:
     """LyCORIS/kohya key suffix → ``(method, tensor name)`` for every registered method's tensors."""
     return {p.file_key: (m, p.name) for m in reversed(all_methods()) for p in m.tensor_params().values()}
 
-
-def model_methods() -> list[type[Adapter]]:
-    """Methods that lyco models can hold (registered adapter classes)."""
-    return list(METHODS.values())

@@ -9,11 +9,11 @@ from .factorize import (
     plan_loha,
     plan_lokr,
 )
-from .hadamard import hada_delta, hada_delta_cp, hada_delta_naive
+from .hadamard import hada_delta, hada_delta_cp
 from .kron import make_kron
 from .tucker import cp_rebuild
 
 __all__ = [
-    "LoHaPlan", "LoKrPlan", "cp_rebuild", "factorization", "hada_delta", "hada_delta_cp", "hada_delta_naive",
+    "LoHaPlan", "LoKrPlan", "cp_rebuild", "factorization", "hada_delta", "hada_delta_cp",
     "infer_loha_plan", "infer_lokr_plan", "make_kron", "plan_loha", "plan_lokr",
 ]  # fmt: skip

@@ -100,15 +100,6 @@ def loha_delta(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return hada_delta(t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"])
 
 
-def hada_delta_naive(hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b, hada_t1=None, hada_t2=None) -> torch.Tensor:
-    """Reference formula with plain autograd (for tests): same result as :func:`hada_delta` / ``_cp``."""
-    if hada_t1 is None:
-        return (hada_w1_a @ hada_w1_b) * (hada_w2_a @ hada_w2_b)
-    r1 = torch.einsum("ij...,jr,ip->pr...", hada_t1, hada_w1_b, hada_w1_a)
-    r2 = torch.einsum("ij...,jr,ip->pr...", hada_t2, hada_w2_b, hada_w2_a)
-    return r1 * r2
-
-
 def hada_khatri_rao(
     hada_w1_a: torch.Tensor, hada_w1_b: torch.Tensor, hada_w2_a: torch.Tensor, hada_w2_b: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
