@@ -17,7 +17,7 @@ import lyco
 from lyco import cli, cli_output
 from lyco.formats.dispatch import read_adapter
 from lyco.ops.kron import make_kron
-from lyco.ops.lowrank import relative_error
+from lyco.ops.lowrank import relative_error, svd_tail_error
 from lyco.tools.convert import compare_adapters
 
 COMMANDS = ("inspect", "convert", "merge", "extract", "resize", "to-lora")
@@ -241,6 +241,21 @@ def test_extract_on_random_deltas_reports_errors_decreasing_with_rank(
             errors[algo].append(printed)
     for algo, errs in errors.items():
         assert 1 > errs[0] > errs[1] > errs[2] > 0, (algo, errs)
+
+
+def test_extract_lora_is_the_truncated_svd(files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    g = torch.Generator().manual_seed(5)
+    deltas = {"fc1": torch.randn(24, 2, generator=g) @ torch.randn(2, 72, generator=g),  # rank 2: exact at r=2
+              "conv": torch.randn(8, 4, 3, 3, generator=g)}  # fmt: skip
+    tuned_path = state_file(tuned_net(deltas), tmp_path / "tuned.safetensors")
+    out = tmp_path / "lora.safetensors"
+    text = run(capsys, "extract", files["base"], tuned_path, out, "--algo", "lora", "--rank", "2", "--plain")
+    af = read_adapter(out)
+    assert af.algos() == {"lora"} and af.modules["lycoris_conv"].tensors["lora_down"].shape == (2, 4, 3, 3)
+    assert relative_error(deltas["fc1"], af.modules["lycoris_fc1"].delta_weight((24, 72))) < 1e-5
+    conv_err = relative_error(deltas["conv"], af.modules["lycoris_conv"].delta_weight((8, 4, 3, 3)))
+    assert conv_err == pytest.approx(svd_tail_error(deltas["conv"].flatten(1), 2), rel=1e-4)
+    assert max_error(text) == pytest.approx(conv_err, rel=1e-3)
 
 
 # -- resize / to-lora -------------------------------------------------------------------------------------

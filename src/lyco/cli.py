@@ -234,10 +234,11 @@ def _run_merge(args: argparse.Namespace) -> int:
 
 def _add_extract(subparsers: argparse._SubParsersAction) -> None:
     p = _parser(
-        subparsers, "extract", "extract a LoKr/LoHa adapter from a base and a fine-tuned state dict",
+        subparsers, "extract", "extract a LoKr/LoHa/LoRA adapter from a base and a fine-tuned state dict",
         "For every 2-D or conv weight that differs, approximate ΔW = tuned − base. LoKr: nearest Kronecker "
         "product (Van Loan–Pitsianis SVD, optimal), then rank-r SVD factors where lyco's plan makes a factor "
-        "low-rank. LoHa: a short seeded Adam fit. Prints the relative error per module.",
+        "low-rank. LoHa: a short seeded Adam fit. LoRA: the rank-r truncated SVD (optimal). Prints the "
+        "relative error per module.",
         "  lyco extract base.safetensors tuned.safetensors lokr.safetensors --algo lokr --rank 8\n"
         "  lyco extract base.safetensors tuned.safetensors out_dir/ --algo loha --rank 4 --to peft\n"
         "  lyco extract base.safetensors tuned.safetensors x.safetensors --algo lokr --rank 4 --factor 8 "
