@@ -363,22 +363,50 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lyco", description="LyCORIS-family adapters (LoHa, LoKr) for PyTorch."
     )
     parser.add_argument("--version", action="version", version=f"lyco {__version__}")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the Python traceback")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command")
     for add in (_add_inspect, _add_convert, _add_merge, _add_extract, _add_resize, _add_to_lora, _add_demo):
         add(subparsers)
     return parser
 
 
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 70, 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` (default: ``sys.argv[1:]``), run the subcommand, return its exit status (2: no command)."""
+    """Parse ``argv`` (default: ``sys.argv[1:]``), run the subcommand, return its exit status.
+
+    0: done; 1: an expected failure (bad input, I/O, out of memory), reported as ``lyco CMD: error: …``
+    without a traceback; 2: usage (no command, bad arguments); 70: an unexpected exception (a bug: the
+    message says so); 130: interrupted. ``--debug`` re-raises instead, with the traceback.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Handler | None = getattr(args, "func", None)
     if func is None:
         parser.print_help(sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:
         return func(args)
-    except LycoError as exc:
-        print(f"lyco {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+    except (Exception, KeyboardInterrupt) as exc:
+        if args.debug:
+            raise
+        code, message = _failure(exc)
+        print(f"lyco {args.command}: error: {message}", file=sys.stderr)
+        return code
+
+
+def _failure(exc: BaseException) -> tuple[int, str]:
+    """Exit status and message for an exception that ended a command."""
+    if isinstance(exc, LycoError):
+        return EXIT_ERROR, str(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED, "interrupted"
+    if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "alloc" in str(exc).lower()):
+        return EXIT_ERROR, f"out of memory ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        return EXIT_ERROR, f"{where}{exc.strerror or exc}"
+    return EXIT_INTERNAL, (
+        f"unexpected {type(exc).__name__}: {exc} — a bug in lyco; rerun with --debug for the traceback and report it"
+    )

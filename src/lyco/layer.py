@@ -267,24 +267,47 @@ class AdaptedLayer(nn.Module):
         adapter = self._materialised(name)
         return from_canonical(self.spec, adapter.delta_weight() * adapter.scaling)
 
-    def _delta_fp32(self, name: str) -> torch.Tensor:
-        """Scaled ``ΔW`` built in fp32 (merge precision), laid out like the base weight."""
-        adapter = self._materialised(name)
-        return from_canonical(self.spec, adapter.delta_weight(torch.float32).detach() * adapter.scaling)
+    def _merge_dtype(self) -> torch.dtype:
+        """Merge precision: fp32, or the base weight's dtype when that is wider (fp64)."""
+        return torch.float64 if self.base_layer.weight.dtype == torch.float64 else torch.float32
 
-    def _merged_weight(self, name: str) -> torch.Tensor:
-        weight = self.base_layer.weight
-        return (weight.data.float() + self._delta_fp32(name)).to(weight.dtype)
+    def _merge_delta(self, name: str) -> torch.Tensor:
+        """Scaled ``ΔW`` built in the merge precision, laid out like the base weight."""
+        adapter = self._materialised(name)
+        return from_canonical(self.spec, adapter.delta_weight(self._merge_dtype()).detach() * adapter.scaling)
+
+    def _merged_weight(self, names: list[str]) -> torch.Tensor:
+        """The base weight after merging ``names`` one by one, exactly as :meth:`merge` writes it (each sum in
+        the merge precision, rounded to the weight's dtype)."""
+        weight = self.base_layer.weight.data
+        for name in names:
+            weight = (weight.to(self._merge_dtype()) + self._merge_delta(name)).to(weight.dtype)
+        return weight
+
+    def check_mergeable(self, module_name: str = "") -> None:
+        """:class:`MergeError` unless lyco can write the base weight exactly: a plain floating tensor (not a
+        quantized or other tensor subclass, not on the meta device)."""
+        weight = self._modules["base_layer"].weight
+        where = module_name or type(self.base_layer).__name__
+        if type(weight) not in _PLAIN or not weight.dtype.is_floating_point or weight.is_meta:
+            kind = "on the meta device" if weight.is_meta else f"a {type(weight).__name__} of {weight.dtype}"
+            raise MergeError(
+                f"cannot merge into {where}: its weight is {kind} (quantized or not a plain float tensor), which "
+                "lyco cannot write exactly; merge into an unquantized copy of the base model, or keep the adapter "
+                "unmerged (nothing was merged)"
+            )
 
     def check_merge(self, adapter_names: list[str], module_name: str = "") -> None:
-        """Raise :class:`MergeError` if merging would put a non-finite value in the weight (no change)."""
+        """Raise :class:`MergeError` (nothing changed) if the weight cannot be written or merging
+        ``adapter_names`` would write a non-finite value into it (all of them together, in the weight's dtype)."""
+        self.check_mergeable(module_name)
+        names = [n for n in adapter_names if n in self.lyco_adapters]
         with torch.no_grad():
-            for name in adapter_names:
-                if name in self.lyco_adapters and not torch.isfinite(self._merged_weight(name)).all():
-                    raise MergeError(
-                        f"merging adapter {name!r} into {module_name or type(self.base_layer).__name__} gives "
-                        "NaN/Inf weights; the adapter is broken (nothing was merged)"
-                    )
+            if names and not torch.isfinite(self._merged_weight(names)).all():
+                raise MergeError(
+                    f"merging adapter(s) {names} into {module_name or type(self.base_layer).__name__} gives NaN/Inf "
+                    "weights; an adapter is broken or their sum overflows the weight's dtype (nothing was merged)"
+                )
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the given adapters (default: active ones) into the base weight."""
@@ -294,10 +317,11 @@ class AdaptedLayer(nn.Module):
             raise MergeError(f"adapter(s) {already} are already merged; call unmerge() first")
         if safe_merge:
             self.check_merge(names)
+        else:
+            self.check_mergeable()
         with torch.no_grad():
-            for name in names:
-                self.base_layer.weight.data.copy_(self._merged_weight(name))
-                self.merged_adapters.append(name)
+            self.base_layer.weight.data.copy_(self._merged_weight(names))
+        self.merged_adapters.extend(names)
 
     def unmerge(self) -> None:
         """Subtract every merged adapter from the base weight, last merged first."""
@@ -305,7 +329,7 @@ class AdaptedLayer(nn.Module):
         with torch.no_grad():
             while self.merged_adapters:
                 name = self.merged_adapters.pop()
-                weight.data.copy_((weight.data.float() - self._delta_fp32(name)).to(weight.dtype))
+                weight.data.copy_((weight.data.to(self._merge_dtype()) - self._merge_delta(name)).to(weight.dtype))
 
     # -- scale -------------------------------------------------------------------------------
     def check_scalable(self, names: list[str]) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import AdapterNameError, ConfigError, FormatError, MergeError, UnsupportedLayerError
+from .errors import AdapterNameError, ConfigError, FormatError, MergeError, TargetError, UnsupportedLayerError
 from .formats.names import ModuleTable
 from .formats.peft import adapter_dir, peft_key, peft_tensors, read_peft_dir, write_peft_dir
 from .layer import AdaptedLayer
@@ -28,7 +28,7 @@ from .methods.registry import adapter_class_for
 from .modules_to_save import ModulesToSaveWrapper
 from .ops.layerops import SUPPORTED_LAYERS, layer_spec
 from .sharding import check_not_sharded_for_adapters, check_unsharded, full_weights, is_sharded
-from .targeting import check_modules_to_save, default_target_modules, find_targets
+from .targeting import bypassed, check_modules_to_save, default_target_modules, find_targets
 from .tree import (
     adapted_layers,
     adapter_tensors,
@@ -53,6 +53,15 @@ def _adapter_dtype(weight: torch.Tensor, autocast_adapter_dtype: bool) -> torch.
     if autocast_adapter_dtype and weight.dtype in _HALF:
         return torch.float32
     return weight.dtype
+
+
+@contextlib.contextmanager
+def _naming(source: str) -> Iterator[None]:
+    """Targeting errors raised while building an adapter from a file name the file (same error class)."""
+    try:
+        yield
+    except TargetError as exc:
+        raise type(exc)(f"{source}: {exc}") from None
 
 
 def _check_compute_dtype(value: Any) -> str | torch.dtype:
@@ -149,8 +158,11 @@ class LycoModel(nn.Module):
         tensors) used instead of planning from ``config``; its ``r`` overrides ``rank_pattern`` when the plan is
         ``ranked`` (not a LoKr with both factors full: then ``r`` / ``rank_pattern`` give ``alpha / r``).
         """
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise AdapterNameError(f"adapter name must be a non-empty string without '.', got {adapter_name!r}")
+        if not isinstance(adapter_name, str) or not adapter_name or any(c in adapter_name for c in "./\\\0"):
+            raise AdapterNameError(
+                f"adapter name must be a non-empty string without '.', '/' or '\\' (it names a sub-folder of saved "
+                f"adapters), got {adapter_name!r}"
+            )
         check_not_sharded_for_adapters(self)
         if adapter_name in self.peft_config:
             raise AdapterNameError(
@@ -169,6 +181,8 @@ class LycoModel(nn.Module):
             if isinstance(module, ModulesToSaveWrapper):
                 raise UnsupportedLayerError(f"module {name!r} is in modules_to_save and cannot also get an adapter")
             base = module.base_layer if isinstance(module, AdaptedLayer) else module
+            if (why := bypassed(self.model, name)) is not None:
+                raise UnsupportedLayerError(f"module {name!r} cannot get an adapter: {why}. Remove it from target_modules.")
             spec = layer_spec(base)
             if spec is None or not adapter_cls.supports(spec):
                 raise UnsupportedLayerError(
@@ -301,9 +315,11 @@ class LycoModel(nn.Module):
         already = sorted({n for _, layer in layers for n in layer.merged_adapters if n in names})
         if already:
             raise MergeError(f"adapter(s) {already} are already merged; call unmerge_adapter() first")
-        if safe_merge:
-            for name, layer in layers:
+        for name, layer in layers:  # every layer checked before any is changed
+            if safe_merge:
                 layer.check_merge(names, name)
+            else:
+                layer.check_mergeable(name)
         for _, layer in layers:
             layer.merge(adapter_names=names)
 
@@ -470,7 +486,8 @@ class LycoModel(nn.Module):
         materialised from the tensors; on any error ``model`` is left as it was. ``key_names``: how ``source``
         spells a key, for messages (e.g. with PEFT's prefix). ``is_trainable=False`` freezes the adapter and puts the model in eval mode."""
         plans = infer_plans(model, config, tensors) if plans is None else plans
-        lyco_model = cls(model, config, adapter_name, low_cpu_mem_usage=True, plans=plans, **kwargs)
+        with _naming(source):
+            lyco_model = cls(model, config, adapter_name, low_cpu_mem_usage=True, plans=plans, **kwargs)
         lyco_model._fill(adapter_name, tensors, source, is_trainable, key_names, undo=lyco_model.unload)
         return lyco_model
 
@@ -487,7 +504,8 @@ class LycoModel(nn.Module):
     ) -> None:
         """Add adapter ``adapter_name`` with weights ``tensors`` (as :meth:`from_adapter_tensors`); all or nothing."""
         plans = infer_plans(self.model, config, tensors) if plans is None else plans
-        self.add_adapter(adapter_name, config, low_cpu_mem_usage=True, plans=plans)
+        with _naming(source):
+            self.add_adapter(adapter_name, config, low_cpu_mem_usage=True, plans=plans)
         self._fill(adapter_name, tensors, source, is_trainable, key_names, undo=lambda: self.delete_adapter(adapter_name))
 
     def _fill(

@@ -2,7 +2,9 @@
 
 * ``target_modules`` list: a module matches when its name equals an entry or ends with ``"." + entry``.
 * ``target_modules`` str: a regex that must match the *full* module name (``re.fullmatch``);
-  ``"all-linear"``: every Linear / transformers Conv1D except the output head.
+  ``"all-linear"``: every Linear / transformers Conv1D except the output head and layers whose parent
+  reads their weight directly (``BYPASSING_PARENTS``: ``nn.MultiheadAttention.out_proj``,
+  ``nn.TransformerEncoderLayer.linear1/2``); naming such a layer explicitly is an ``UnsupportedLayerError``.
 * ``exclude_modules``: same rules; excluded names are never adapted.
 * ``layers_to_transform`` (+ ``layers_pattern``): keep only modules whose name has
   ``<layers_pattern>.<index>.`` (default: any ``<name>.<index>.``) with that index.
@@ -112,6 +114,29 @@ def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None
     return None
 
 
+# Parents whose forward reads some children's weights directly instead of calling them, so an adapter on such
+# a child would be ignored: nn.MultiheadAttention hands ``out_proj.weight`` to F.multi_head_attention_forward;
+# nn.TransformerEncoderLayer's inference fast path hands ``linear1`` / ``linear2`` weights to one fused kernel.
+BYPASSING_PARENTS: dict[type[nn.Module], tuple[str, ...]] = {
+    nn.MultiheadAttention: ("out_proj",),
+    nn.TransformerEncoderLayer: ("linear1", "linear2"),
+}
+
+
+def bypassed(model: nn.Module, name: str) -> str | None:
+    """Why the forward of module ``name`` never runs as a module call (its parent uses its weight directly),
+    or ``None``. An adapter there would change nothing until merged."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    for cls, children in BYPASSING_PARENTS.items():
+        if isinstance(parent, cls) and child in children:
+            return (
+                f"its parent {parent_name or type(model).__name__!r} ({type(parent).__name__}) reads "
+                f"{child}.weight directly instead of calling {child}, so an adapter there would be ignored"
+            )
+    return None
+
+
 def _is_output_head(name: str, model: nn.Module) -> bool:
     get_out = getattr(model, "get_output_embeddings", None)
     head = get_out() if callable(get_out) else None
@@ -134,7 +159,10 @@ def find_targets(model: nn.Module, config: Any, skip: Iterable[str] = ()) -> lis
     if targets == "all-linear":
         modules = dict(model.named_modules())
         specs = {n: layer_spec(getattr(modules[n], "base_layer", modules[n])) for n in names}
-        chosen = [n for n in names if specs[n] and specs[n].kind != "conv" and not _is_output_head(n, model)]
+        chosen = [
+            n for n in names
+            if specs[n] and specs[n].kind != "conv" and not _is_output_head(n, model) and bypassed(model, n) is None
+        ]  # fmt: skip
     else:
         if isinstance(targets, list):
             unknown = [t for t in targets if not any(name_matches(n, [t]) for n in names)]

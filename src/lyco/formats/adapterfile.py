@@ -17,7 +17,7 @@ import torch
 
 from ..errors import FormatError, ShapeMismatchError
 from ..methods.registry import method_for_algo
-from ..methods.schema import MethodSchema, Shape
+from ..methods.schema import MethodSchema, Shape, check_dense
 
 
 @dataclass
@@ -26,7 +26,8 @@ class ModuleAdapter:
 
     ``algo``: the method's name in files (``"loha"``, ``"lokr"``, ``"lora"`` or a registered custom one).
     ``tensors``: tensor name → tensor (``hada_w1_a``, ``lokr_w1``, ``lora_down``, ...).
-    ``alpha``: the file's alpha (``None``: none stored, meaning alpha = r).
+    ``alpha``: the module's alpha (``None``: none stored, meaning alpha = r; ``0``: scale 0, as PEFT reads it —
+    the LyCORIS reader turns a stored 0, which kohya and lycoris-lora read as r, into ``None``).
     ``weight_shape``: canonical base weight shape ``(out, in, *k)`` when known (from a model or inferred).
     """
 
@@ -60,13 +61,13 @@ class ModuleAdapter:
     def scale(self) -> float:
         """The one documented rule: ``alpha / r`` with ``r`` the rank of the factored parts.
 
-        ``alpha`` missing (or 0, as lycoris-lora and kohya read it) means ``alpha = r`` → 1; a module without a
-        rank (a LoKr with both factors full) has scale 1 whatever alpha says (lycoris-lora, kohya, ComfyUI).
-        PEFT instead always applies ``alpha / r``; the PEFT reader/writer fold the difference into the
-        tensors so that ``delta_weight()`` is the same in every format.
+        ``alpha`` missing (``None``) means ``alpha = r`` → 1; ``0`` gives 0; a module without a rank (a LoKr
+        with both factors full) has scale 1 whatever alpha says (lycoris-lora, kohya, ComfyUI). PEFT instead
+        always applies ``alpha / r``; the PEFT reader and every writer fold the difference into the tensors
+        so that ``delta_weight()`` is the same in every format.
         """
         r = self.rank
-        if r is None or not self.alpha:
+        if r is None or self.alpha is None:
             return 1.0
         return float(self.alpha) / r
 
@@ -95,14 +96,25 @@ class ModuleAdapter:
 
     def delta_weight(self, weight_shape: Shape | None = None) -> torch.Tensor:
         """Scaled ``ΔW`` in canonical layout ``(out, in, *k)`` (fp32 maths on the tensors' device), by the same
-        formula as the method's adapter (:meth:`~lyco.methods.schema.MethodSchema.compose`)."""
+        formula as the method's adapter (:meth:`~lyco.methods.schema.MethodSchema.compose`). Unless a model or
+        base gave ``weight_shape``, its size is bounded (:func:`~lyco.methods.schema.check_dense`)."""
         shape = tuple(weight_shape or self.guess_weight_shape())
+        if self.weight_shape is None:
+            check_dense(shape, self.tensors, f"{self.algo} module")
         plan = self.plan(shape)
         with torch.no_grad():
             delta = self.method.compose({k: v.float() for k, v in self.tensors.items()}, plan)
         if delta.numel() != math.prod(shape):
             raise FormatError(f"{self.algo} tensors give {delta.numel()} weights, the layer has {shape}")
         return delta.reshape(shape) * self.scale()
+
+    def matvec(self, v: torch.Tensor, weight_shape: Shape | None = None) -> torch.Tensor:
+        """Scaled ``ΔW v`` for ``v (in·∏k, n)`` → ``(out, n)`` without building ``ΔW`` where the method has a
+        factored product (fp32 maths)."""
+        plan = self.plan(tuple(weight_shape or self.guess_weight_shape()))
+        with torch.no_grad():
+            out = self.method.matvec({k: t.float() for k, t in self.tensors.items()}, plan, v.float())
+        return out * self.scale()
 
     def with_scale_folded(self, factor: float, alpha: float) -> ModuleAdapter:
         """A copy whose tensors carry ``factor`` (e.g. PEFT's ``alpha / r`` for a module files scale by 1) and

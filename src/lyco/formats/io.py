@@ -6,10 +6,11 @@ import contextlib
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import FormatError
@@ -57,35 +58,80 @@ def read_tensors(path: str | os.PathLike, allow_pickle: bool = False) -> dict[st
         raise FormatError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
+def _temp(path: Path) -> str:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return tmp
+
+
+def remove_stale_temps(folder: Path, names: list[str]) -> None:
+    """Delete temp files an earlier, killed write of ``names`` left in ``folder`` (``.<name>.*.tmp``)."""
+    for name in names:
+        for stale in folder.glob(f".{name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
+
+def write_files(folder: str | os.PathLike, writers: dict[str, Callable[[str], None]]) -> None:
+    """Write several files of ``folder`` as one step, as far as a file system allows: each ``writers[name]``
+    fills a temp file beside its target; only when every one is complete are they renamed into place, in
+    order (a failure before that leaves the folder as it was; the temps are removed). A process killed
+    between two renames leaves some new and some old files: readers must detect that (PEFT folders carry
+    their config in the weights' metadata). Temps of an earlier killed write are removed first."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(folder, list(writers))
+    temps: dict[str, str] = {}
+    try:
+        for name, write in writers.items():
+            temps[name] = _temp(folder / name)
+            write(temps[name])
+        for name, tmp in temps.items():
+            publish(tmp, folder / name)
+    except BaseException:
+        for tmp in temps.values():
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
+
+
+def tensor_writer(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Callable[[str], None]:
+    """A writer for :func:`write_files`: ``tensors`` (detached, moved to the CPU) as safetensors."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return lambda tmp: save_file(tensors, tmp, metadata=metadata)
+
+
+def text_writer(text: str) -> Callable[[str], None]:
+    """A writer for :func:`write_files`: ``text`` as UTF-8."""
+    return lambda tmp: Path(tmp).write_text(text, encoding="utf-8")
+
+
 def write_tensors(
     path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> None:
     """Write a safetensors file atomically (temp file in the same folder, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        publish(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_files(path.parent, {path.name: tensor_writer(tensors, metadata)})
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        publish(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_files(path.parent, {path.name: text_writer(text)})
 
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a safetensors file (empty for a pickle file)."""
+    if str(path).endswith(PICKLE_SUFFIXES):
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise FormatError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def warn_nonfinite(t: torch.Tensor, where: str) -> None:
+    """Warn (naming ``where``) when a floating tensor read from a file holds NaN or Inf values."""
+    if t.dtype.is_floating_point and t.numel() and not bool(torch.isfinite(t).all()):
+        warnings.warn(f"{where} holds NaN/Inf values; outputs of this adapter will be NaN/Inf", stacklevel=3)

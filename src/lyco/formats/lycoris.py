@@ -18,32 +18,18 @@ import os
 import warnings
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..errors import FormatError
 from ..methods.registry import file_keys
 from .adapterfile import AdapterFile, ModuleAdapter
-from .io import PICKLE_SUFFIXES, read_tensors, write_tensors
+from .io import PICKLE_SUFFIXES, read_metadata, read_tensors, warn_nonfinite, write_tensors
 from .keys import EXTRA_KEYS, UNSUPPORTED_KEYS, infer_component, match_convention, module_keys, split_key
 from .metadata import file_metadata
 from .names import ModuleTable
 
 
 # -- reading ---------------------------------------------------------------------------------------
-def read_safetensors(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of an adapter file (pickle formats only with ``allow_pickle=True``)."""
-    tensors = read_tensors(path, allow_pickle=allow_pickle)
-    if str(path).endswith(PICKLE_SUFFIXES):
-        return tensors, {}
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            metadata = dict(fh.metadata() or {})
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise FormatError(f"{path}: not a readable safetensors file ({exc})") from None
-    return tensors, metadata
-
-
 def _check_alpha(source: str, key: str, t: torch.Tensor) -> None:
     if t.dtype == torch.bool or t.is_complex() or t.numel() != 1:
         raise FormatError(f"{source}: key {key!r} must be a single real number, got {t.dtype} {tuple(t.shape)}")
@@ -68,6 +54,13 @@ def _module(source: str, stem: str, params: dict[str, torch.Tensor]) -> ModuleAd
     tensors = {by_key[k]: t for k, t in params.items() if k in by_key}
     method.check_module(set(tensors), f"{source}: module {stem!r}")
     alpha = float(params["alpha"].reshape(()).double()) if "alpha" in params else None
+    if alpha == 0:  # kohya and lycoris-lora read a stored 0 as alpha = r; ComfyUI and AUTOMATIC1111 as scale 0
+        warnings.warn(
+            f"{source}: {stem}.alpha is 0, which consumers read differently (kohya, lycoris-lora: alpha = r, "
+            "scale 1; ComfyUI, AUTOMATIC1111: scale 0); lyco reads it as alpha = r, as the trainers mean it",
+            stacklevel=4,
+        )
+        alpha = None
     return ModuleAdapter(method.algo, method.canonical(tensors), alpha)
 
 
@@ -130,6 +123,7 @@ def parse_state_dict(
         else:
             method, name = keys[param]
             method.tensor_params()[name].check(t, f"{source}: key {key!r}")
+            warn_nonfinite(t, f"{source}: key {key!r}")
         groups.setdefault(stem, {})[param] = t
         conventions.append(conv.name)
     _drop(source, dropped, strict, "that lyco cannot use")
@@ -185,7 +179,7 @@ def read_lycoris_file(
     convention(s) the file used. Pickle files (``.pt``, ``.bin``, ``.ckpt``) need ``allow_pickle=True``.
     """
     source = str(path)
-    tensors, metadata = read_safetensors(path, allow_pickle=allow_pickle)
+    tensors, metadata = read_tensors(path, allow_pickle=allow_pickle), read_metadata(path)
     af = parse_state_dict(tensors, metadata, source, prefix=prefix, strict=strict)
     if model is not None:
         af = resolve_adapter_file(af, model, prefix=prefix, strict=strict, source=source)
@@ -197,13 +191,17 @@ def lycoris_state_dict(
     af: AdapterFile, style: str = "lycoris", prefix: str | None = None, component: str | None = None
 ) -> dict[str, torch.Tensor]:
     """The tensors of ``af`` under ``style``'s keys, each module with a 0-dim float32 ``.alpha``
-    (``r`` where none is stored; a module without rank and alpha gets 1, which no reader uses)."""
+    (``r`` where none is stored; a module without rank and alpha gets 1, which no reader uses). A stored alpha
+    is never 0 (kohya and lycoris-lora read 0 as r, ComfyUI and AUTOMATIC1111 as 0): a module of scale 0 is
+    written with its tensors scaled by 0 and ``alpha = r``, which every reader applies alike."""
     names = list(af.modules)
     comp = component if component is not None else infer_component(None, names)
     stems = module_keys(names, style, prefix=prefix, resolved=af.resolved, component=comp)
     out: dict[str, torch.Tensor] = {}
     for name, m in af.modules.items():
         stem = stems[name]
+        if m.alpha == 0 and m.rank is not None:  # scale 0: never store 0, which consumers read differently
+            m = m.with_scale_folded(0.0, float(m.rank))
         params = m.method.tensor_params()
         tensors = m.method.peft_layout(m.tensors) if style == "peft" else m.tensors  # PEFT's Conv1d core layout
         for p, t in tensors.items():

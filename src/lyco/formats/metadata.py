@@ -27,8 +27,8 @@ ARGS = "ss_network_args"
 
 
 def effective_alpha(rank: int | None, alpha: float | None, r: int) -> float:
-    """The alpha that gives a module's file scale as ``alpha / r`` (no rank or no alpha: ``r``, scale 1)."""
-    if rank is None or not alpha:
+    """The alpha that gives a module's scale as ``alpha / r`` (no rank or no alpha: ``r``, scale 1)."""
+    if rank is None or alpha is None:
         return float(r)
     return float(alpha)
 

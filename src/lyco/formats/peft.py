@@ -28,7 +28,7 @@ from ..methods.config import AdapterConfig, pattern_value
 from ..methods.registry import method_for_peft_type
 from ..methods.schema import MethodSchema
 from .adapterfile import AdapterFile, ModuleAdapter
-from .io import read_tensors, write_tensors, write_text
+from .io import read_metadata, read_tensors, tensor_writer, text_writer, warn_nonfinite, write_files
 from .keys import PEFT_PREFIX, module_keys
 from .lycoris import resolve_adapter_file
 from .names import ModuleTable
@@ -38,6 +38,7 @@ PREFIX = PEFT_PREFIX
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+SAVED_CONFIG = "lyco_config"  # weights metadata: the config they were saved with (torn-folder check)
 # PeftConfig fields that are not adapter hyper-parameters.
 PEFT_META_FIELDS = {
     "peft_type", "base_model_name_or_path", "revision", "task_type", "inference_mode", "auto_mapping", "peft_version",
@@ -94,8 +95,14 @@ def config_from_json(data: dict[str, Any], source: str) -> AdapterConfig:
 
 
 def adapter_dir(save_directory: str | os.PathLike, adapter_name: str) -> Path:
+    """The folder of one adapter: ``save_directory`` for ``default``, else its sub-folder named after it
+    (:class:`FormatError` for a name that would point elsewhere: a path, ``..``)."""
     root = Path(save_directory)
-    return root if adapter_name == "default" else root / adapter_name
+    if adapter_name == "default":
+        return root
+    if not adapter_name or any(c in adapter_name for c in "/\\\0") or adapter_name in (".", ".."):
+        raise FormatError(f"adapter name {adapter_name!r} cannot name a sub-folder of {root}")
+    return root / adapter_name
 
 
 def _per_module(
@@ -143,21 +150,28 @@ def read_peft_dir(
         raise FormatError(f"{folder}: no {CONFIG_NAME} (not a PEFT adapter folder)")
     try:
         data = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{cfg_path}: unreadable JSON ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad UTF-8 or JSON
+        raise FormatError(f"{cfg_path}: unreadable JSON ({type(exc).__name__}: {exc})") from None
     if not isinstance(data, dict):
         raise FormatError(f"{cfg_path}: expected a JSON object")
     config = config_from_json(data, str(cfg_path))
     weights = folder / WEIGHTS_NAME
     if not weights.is_file() and (folder / PICKLE_WEIGHTS_NAME).is_file():
         weights = folder / PICKLE_WEIGHTS_NAME
+    if weights.is_file():
+        check_not_torn(folder, data, config, weights)
+    method = method_for_peft_type(config.peft_type, str(cfg_path))
+    own = method.tensor_params()
     tensors: dict[str, torch.Tensor] = {}
     for key, t in read_tensors(weights, allow_pickle=allow_pickle).items():
         stripped = peft_key(key, inverse=True)
         if stripped is None:
             raise FormatError(f"{weights}: key {key!r} lacks PEFT's {PREFIX!r} prefix (not a PEFT adapter's weights)")
+        name = stripped.rpartition(".")[2]
+        if name in own:
+            own[name].check(t, f"{weights}: key {key!r}")
+        warn_nonfinite(t, f"{weights}: key {key!r}")
         tensors[stripped] = t
-    method = method_for_peft_type(config.peft_type, str(cfg_path))
 
     def canonical(ts: dict, path: str) -> dict:
         kernel = table.kernel(path) if table is not None and path in table.shapes else None
@@ -172,10 +186,40 @@ def write_peft_dir(
     """Write one adapter (``tensors`` keyed ``<module path>.<param>``, lyco layouts) as a PEFT folder: weights
     (PEFT keys and layouts) then ``adapter_config.json``; returns the folder."""
     folder = Path(folder)
-    write_tensors(folder / WEIGHTS_NAME, peft_tensors(config, tensors, str(folder)), metadata={"format": "pt"})
     payload = config_to_json(config, base_model)
-    write_text(folder / CONFIG_NAME, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    metadata = {"format": "pt", SAVED_CONFIG: _saved_config(payload, type(config))}
+    write_files(folder, {  # weights first: a kill between the renames leaves new weights, which name their config
+        WEIGHTS_NAME: tensor_writer(peft_tensors(config, tensors, str(folder)), metadata),
+        CONFIG_NAME: text_writer(json.dumps(payload, indent=2, sort_keys=True) + "\n"),
+    })  # fmt: skip
     return folder
+
+
+def _saved_config(data: dict[str, Any], config_cls: type[AdapterConfig]) -> str:
+    """The config fields that decide what the weights mean (the method's fields and ``peft_type``; not PEFT's
+    bookkeeping nor fields lyco does not know), as compact JSON."""
+    keep = {f.name for f in dataclasses.fields(config_cls)} | {"peft_type"}
+    return json.dumps({k: v for k, v in sorted(data.items()) if k in keep}, separators=(",", ":"))
+
+
+def check_not_torn(folder: Path, data: dict[str, Any], config: AdapterConfig, weights: Path) -> None:
+    """:class:`FormatError` when ``weights`` were saved by lyco with another config than ``data``: a
+    ``save_pretrained`` killed between replacing the weights and the config (or a hand-edited config)."""
+    saved = read_metadata(weights).get(SAVED_CONFIG)
+    if saved is None:
+        return  # written by PEFT or an older lyco: nothing to compare
+    try:
+        was = json.loads(saved)
+    except ValueError:
+        raise FormatError(f"{weights}: unreadable {SAVED_CONFIG!r} metadata") from None
+    now = json.loads(_saved_config(data, type(config)))
+    if was != now:
+        diff = sorted(k for k in {**was, **now} if was.get(k) != now.get(k))
+        raise FormatError(
+            f"{folder}: {CONFIG_NAME} does not match the config its {WEIGHTS_NAME} was saved with (fields {diff} "
+            "differ): a save_pretrained was interrupted between the two files, or the config was edited. Save the "
+            "adapter again (or restore the config it was saved with)"
+        )
 
 
 # -- AdapterFile readers/writers (format conversion without a LycoModel) ------------------------------
@@ -206,7 +250,6 @@ def read_peft_adapter(
         if name not in own or not path:
             extra.append(peft_key(key))
             continue
-        own[name].check(t, f"{source}: key {peft_key(key)!r}")
         groups.setdefault(path, {})[name] = t
     if extra:
         raise FormatError(
@@ -215,12 +258,13 @@ def read_peft_adapter(
         )
     modules: dict[str, ModuleAdapter] = {}
     for name, ts in groups.items():
+        method.check_module(set(ts), f"{source}: module {name!r}")
         if table is not None and name not in table.shapes:
             raise FormatError(f"{source}: module {name!r} is not an adaptable layer of the given model")
         r = pattern_value(config.rank_pattern, name, config.r)
         alpha = float(pattern_value(config.alpha_pattern, name, config.alpha))
         module = ModuleAdapter(method.algo, ts, alpha, table.shapes[name] if table is not None else None)
-        if module.unranked:
+        if module.unranked:  # PEFT applies alpha / r here too; AdapterFiles scale such a module by 1
             module = module.with_scale_folded(alpha / r, float(r))
         modules[name] = module
     af = AdapterFile(modules, convention="peft", config=config_to_json(config, None))

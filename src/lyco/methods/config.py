@@ -21,10 +21,41 @@ def _as_str_list(value: Any, name: str) -> list[str] | str | None:
     raise ConfigError(f"{name} must be a string (regex) or a list of module names, got {value!r}")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _finite(value: float) -> bool:
+    """Finite as a float (an int too large for one is not)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _pattern(value: Any, name: str, what: str, valid: Any) -> dict[str, Any]:
+    """A ``rank_pattern`` / ``alpha_pattern``: a dict of regex keys to valid values (``None``: empty)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name} must be a dict of module-name patterns to values, got {value!r}")
+    for key, val in value.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{name} keys must be strings (module-name patterns), got {key!r}")
+        _check_regex(key, name)
+        if not valid(val):
+            raise ConfigError(f"{name}[{key!r}] must be {what}, got {val!r}")
+    return dict(value)
+
+
 def _check_regex(pattern: str, name: str) -> None:
     try:
         re.compile(pattern)
-    except re.error as exc:
+    except (re.error, OverflowError, RecursionError) as exc:
         raise ConfigError(f"{name}: {pattern!r} is not a valid regular expression ({exc})") from None
 
 
@@ -56,14 +87,17 @@ class AdapterConfig:
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+        if not _is_int(self.r) or self.r <= 0:
             raise ConfigError(f"{name}.r must be a positive integer, got {self.r!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+        if not _is_number(self.alpha) or not _finite(self.alpha):
             raise ConfigError(f"{name}.alpha must be a finite number, got {self.alpha!r}")
         for fname in ("rank_dropout", "module_dropout"):
             p = getattr(self, fname)
-            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+            if not _is_number(p) or not 0.0 <= p <= 1.0:
                 raise ConfigError(f"{name}.{fname} must be a probability in [0, 1], got {p!r}")
+        for f in fields(self):  # every bool field of every method's config
+            if f.type in ("bool", bool) and not isinstance(getattr(self, f.name), bool):
+                raise ConfigError(f"{name}.{f.name} must be True or False, got {getattr(self, f.name)!r}")
         if not any(self.init_weights is c or (isinstance(c, str) and self.init_weights == c) for c in self.init_choices):
             raise ConfigError(f"{name}.init_weights must be one of {self.init_choices}, got {self.init_weights!r}")
         self.target_modules = _as_str_list(self.target_modules, f"{name}.target_modules")
@@ -71,28 +105,21 @@ class AdapterConfig:
         for fname in ("target_modules", "exclude_modules"):
             if isinstance(getattr(self, fname), str):
                 _check_regex(getattr(self, fname), f"{name}.{fname}")
-        if isinstance(self.layers_pattern, (list, tuple)):
-            self.layers_pattern = list(self.layers_pattern)
+        self.layers_pattern = _as_str_list(self.layers_pattern, f"{name}.layers_pattern")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError(f"{name}.layers_pattern is only used with layers_to_transform; set both or neither")
         if self.layers_to_transform is not None:
             if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
                 raise ConfigError(f"{name}.layers_to_transform cannot be used when target_modules is a regex string")
             ltt = self.layers_to_transform
-            items = [ltt] if isinstance(ltt, int) else list(ltt)
-            if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in items):
+            items = [ltt] if _is_int(ltt) else list(ltt) if isinstance(ltt, (list, tuple)) else [ltt]
+            if any(not _is_int(i) or i < 0 for i in items):
                 raise ConfigError(f"{name}.layers_to_transform must be non-negative layer indices, got {ltt!r}")
-            self.layers_to_transform = ltt if isinstance(ltt, int) else items
-        for key, val in dict(self.rank_pattern or {}).items():
-            _check_regex(key, f"{name}.rank_pattern")
-            if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
-                raise ConfigError(f"{name}.rank_pattern[{key!r}] must be a positive integer, got {val!r}")
-        for key, val in dict(self.alpha_pattern or {}).items():
-            _check_regex(key, f"{name}.alpha_pattern")
-            if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val):
-                raise ConfigError(f"{name}.alpha_pattern[{key!r}] must be a finite number, got {val!r}")
-        self.rank_pattern = dict(self.rank_pattern or {})
-        self.alpha_pattern = dict(self.alpha_pattern or {})
+            self.layers_to_transform = ltt if _is_int(ltt) else items
+        self.rank_pattern = _pattern(self.rank_pattern, f"{name}.rank_pattern", "a positive integer",
+                                     lambda v: _is_int(v) and v > 0)  # fmt: skip
+        self.alpha_pattern = _pattern(self.alpha_pattern, f"{name}.alpha_pattern", "a finite number",
+                                      lambda v: _is_number(v) and _finite(v))  # fmt: skip
         if self.modules_to_save is not None:
             mts = _as_str_list(self.modules_to_save, f"{name}.modules_to_save")
             self.modules_to_save = [mts] if isinstance(mts, str) else mts

@@ -24,7 +24,7 @@ from ..ops.tucker import cp_rebuild
 from .adapter import Adapter
 from .config import AdapterConfig
 from .registry import register_method
-from .schema import FitOptions, Param, Shape
+from .schema import FitOptions, Param, Shape, check_dense
 
 
 @dataclass
@@ -114,6 +114,13 @@ class LoHaAdapter(Adapter):
         return loha_delta(tensors)
 
     @classmethod
+    def matvec(cls, tensors, plan, v):
+        """Khatri-Rao factors (inner rank r²), never the dense product; CP modules build it."""
+        if "hada_t1" in tensors:
+            return super().matvec(tensors, plan, v)
+        return hada_apply(v.T, *(tensors[n] for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))).T
+
+    @classmethod
     def fit_config(cls, plans, base_r):
         """``use_effective_conv2d`` when any module has CP cores; modules PEFT would plan otherwise."""
         use_cp = any(p.use_cp for p in plans.values())
@@ -144,6 +151,7 @@ class LoHaAdapter(Adapter):
                 return cp_rebuild(tensors[f"hada_t{i}"], tensors[f"hada_w{i}_a"], tensors[f"hada_w{i}_b"]).flatten(1)
             return tensors[f"hada_w{i}_a"] @ tensors[f"hada_w{i}_b"]
 
+        check_dense(plan.weight_shape, tensors, "LoHa resize")  # the fit works on the dense product
         b1, b2 = branch(1), branch(2)
         init = {}
         init["hada_w1_a"], init["hada_w1_b"] = svd_factors(b1, opts.rank, pad=True)

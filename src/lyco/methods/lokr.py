@@ -207,6 +207,14 @@ class LoKrAdapter(Adapter):
         return lokr_delta(tensors, plan)
 
     @classmethod
+    def matvec(cls, tensors, plan: LoKrPlan, v):
+        """``kron(w1, w2) v`` by reshapes (:func:`lyco.ops.kron.kron_apply`, a conv kernel folded into ``w2``)."""
+        w1 = lokr_w1(tensors, plan)
+        if not plan.use_w2 and not plan.use_cp:
+            return kron_apply(v.T, w1, None, tensors["lokr_w2_a"], tensors["lokr_w2_b"]).T
+        return kron_apply(v.T, w1, lokr_w2(tensors, plan).reshape(plan.out_r, -1)).T
+
+    @classmethod
     def fit_config(cls, plans, base_r):
         """``decompose_both`` (any factored ``w1``), ``use_effective_conv2d`` (any CP core) and one
         ``decompose_factor`` giving every split; a full–full module gets a rank under which PEFT's rules also

@@ -38,15 +38,23 @@ class LoRAFile(MethodSchema):
         return lora_delta(tensors["lora_up"], tensors["lora_down"])
 
     @classmethod
+    def matvec(cls, tensors, plan, v):
+        return tensors["lora_up"].flatten(1) @ (tensors["lora_down"].flatten(1) @ v)
+
+    @classmethod
     def extract(cls, delta: torch.Tensor, opts: FitOptions) -> dict[str, torch.Tensor]:
         """The rank-``r`` truncated SVD of ``delta`` (the best rank-``r`` approximation)."""
         return lora_factors(delta, opts.rank)
 
     @classmethod
     def resize(cls, tensors, plan, opts: FitOptions) -> dict[str, torch.Tensor]:
-        """SVD of ``lora_up @ lora_down``, kernel layouts kept."""
+        """The truncated SVD of ``lora_up @ lora_down`` without building it: QR of both factors, then the SVD
+        of the small ``(r, r)`` core; kernel layouts kept."""
         down, up = tensors["lora_down"], tensors["lora_up"]
-        a, b = svd_factors(lora_delta(up, down), opts.rank)
+        q_up, r_up = torch.linalg.qr(up.flatten(1))
+        q_down, r_down = torch.linalg.qr(down.flatten(1).T)
+        a, b = svd_factors(r_up @ r_down.T, opts.rank)
+        a, b = q_up @ a, b @ q_down.T
         return {
             "lora_down": b.reshape(b.shape[0], *down.shape[1:]),
             "lora_up": a.reshape(a.shape[0], a.shape[1], *[1] * (down.dim() - 2)),

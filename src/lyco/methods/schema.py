@@ -25,6 +25,24 @@ Shape = tuple[int, ...]
 Tensors = Mapping[str, torch.Tensor]
 
 
+# A dense ΔW that files alone (no model or base weights vouching for the layer) make lyco build is bounded:
+# at most this many elements, or DENSE_RATIO × the module's own tensor elements when that is more.
+DENSE_FLOOR = 1 << 26  # 256 MiB in fp32
+DENSE_RATIO = 64
+
+
+def check_dense(shape: Shape, tensors: Tensors, what: str) -> None:
+    """:class:`FormatError` when building a dense ``(out, in, *k)`` weight of ``shape`` from ``tensors`` would
+    exceed the budget above (a small file implying a huge layer)."""
+    size, own = math.prod(shape), sum(t.numel() for t in tensors.values())
+    if size > max(DENSE_FLOOR, DENSE_RATIO * own):
+        raise FormatError(
+            f"{what}: its ΔW {tuple(shape)} would take {size * 4 / 2**30:.1f} GiB in fp32, built from "
+            f"{own * 4 / 2**20:.2f} MiB of tensors; lyco builds that only for a layer a base model vouches for "
+            "(pass the base: --base, or model=)"
+        )
+
+
 @dataclass(frozen=True)
 class Param:
     """One tensor a method owns.
@@ -186,6 +204,13 @@ class MethodSchema:
         """Unscaled ``ΔW`` from ``tensors`` (its own size; callers reshape it to the weight shape). The one
         formula: the Adapter's ``delta_weight`` calls it with its parameters, files with their tensors."""
         raise FormatError(f"{cls.display()}: the method defines no compose(tensors, plan); ΔW cannot be read from files")
+
+    @classmethod
+    def matvec(cls, tensors: Tensors, plan: Any, v: torch.Tensor) -> torch.Tensor:
+        """``ΔW v`` (unscaled) for ``v (in·∏k, n)`` with ``ΔW`` as an ``(out, in·∏k)`` matrix → ``(out, n)``;
+        methods with a factored product override it so that checks on large layers never build ``ΔW``.
+        Default: the dense ``ΔW`` (:meth:`compose`)."""
+        return cls.compose(tensors, plan).reshape(-1, v.shape[0]) @ v
 
     @classmethod
     def fold_scale(cls, tensors: Tensors, factor: float) -> dict[str, torch.Tensor]:

@@ -67,7 +67,7 @@ def candidate_keys(
     for key, (dtype, shape) in tuned_specs.items():
         if not key.endswith(WEIGHT) or key not in base_specs or len(shape) < 2:
             continue
-        if base_specs[key][1] != shape or not DTYPES[dtype].is_floating_point:
+        if base_specs[key][1] != shape or not getattr(DTYPES.get(dtype), "is_floating_point", False):
             continue
         module = key[: -len(WEIGHT)]
         if include and not re.search(include, module):

@@ -20,7 +20,7 @@ import torch
 from ..errors import FormatError
 from ..formats.adapterfile import AdapterFile
 from ..formats.names import WEIGHT
-from ..formats.stream import DTYPES, StreamingWriter, iter_tensors, read_index
+from ..formats.stream import DTYPES, StreamingWriter, load_tensor, raw_bytes, read_header
 from . import Progress, track
 from .base_weights import BaseIndex, attach_base
 
@@ -47,8 +47,8 @@ def merge_file(
     output is then a folder with the same shards, and the folder's ``*.json`` files — shard index,
     config — are copied). Adapter module names are resolved against the base's ``<module>.weight``
     keys (exact, kohya underscore form, or unique suffix); a module that matches nothing is an error
-    (nothing written). Each merge runs in fp32 and is cast back to the base tensor's dtype; all other
-    tensors and each file's metadata are copied through.
+    (nothing written). Each merge runs in fp32 (fp64 for fp64 weights) and is cast back to the base tensor's
+    dtype; every other tensor is copied byte for byte, whatever its dtype, and each file's metadata is kept.
     """
     base_path, out_path = Path(base_path), Path(out_path)
     if base_path.resolve() == out_path.resolve():
@@ -56,34 +56,38 @@ def merge_file(
     shards = sorted(base_path.glob("*.safetensors")) if base_path.is_dir() else [base_path]
     if not shards:
         raise FormatError(f"{base_path}: no *.safetensors files in this folder")
-    indexes = {shard: read_index(shard) for shard in shards}
-    weights = {
-        k[: -len(WEIGHT)]: shape for specs, _ in indexes.values() for k, (_, shape) in specs.items() if k.endswith(WEIGHT)
-    }
+    headers = {shard: read_header(shard) for shard in shards}
+    entries = {k: e for hdr, _ in headers.values() for k, e in hdr.items()}
+    weights = {k[: -len(WEIGHT)]: e.shape for k, e in entries.items() if k.endswith(WEIGHT)}
     adapter, transposed = attach_base(af, BaseIndex(weights, {}, str(base_path)))
-    dtypes = {k: DTYPES[dtype] for specs, _ in indexes.values() for k, (dtype, _) in specs.items()}
     for name in adapter.modules:
-        if not dtypes[name + WEIGHT].is_floating_point:
-            raise FormatError(f"{base_path}: {name + WEIGHT} is {dtypes[name + WEIGHT]}; lyco merges only into float weights")
+        dtype = DTYPES.get(entries[name + WEIGHT].dtype)
+        if dtype is None or not dtype.is_floating_point:
+            raise FormatError(
+                f"{base_path}: {name + WEIGHT} is {entries[name + WEIGHT].dtype}; lyco merges only into float weights"
+            )
     report = MergeReport(out_path, transposed=sorted(transposed))
     stamp = json.dumps({"modules": len(adapter.modules), "scale": scale})
-    for i, (shard, (specs, metadata)) in enumerate(indexes.items()):
+    for i, (shard, (hdr, metadata)) in enumerate(headers.items()):
         target = out_path / shard.name if base_path.is_dir() else out_path
         desc = f"merge {i + 1}/{len(shards)}" if len(shards) > 1 else "merge"
-        with StreamingWriter(target, specs, {**metadata, "lyco_merge": stamp}) as writer:
-            for key, tensor in track(iter_tensors(shard, list(specs)), progress, len(specs), desc):
+        specs = {k: (e.dtype, e.shape) for k, e in hdr.items()}
+        sizes = {k: e.end - e.begin for k, e in hdr.items()}
+        with StreamingWriter(target, specs, {**metadata, "lyco_merge": stamp}, sizes) as writer:
+            for key in track(list(hdr), progress, len(hdr), desc):
                 module = key[: -len(WEIGHT)] if key.endswith(WEIGHT) else None
-                if module in adapter.modules:
-                    delta = adapter.modules[module].delta_weight()
-                    if module in transposed:
-                        delta = delta.T
-                    report.max_abs_delta = max(report.max_abs_delta, abs(scale) * float(delta.abs().max()))
-                    tensor = merged_weight(tensor, delta, scale)
-                    report.merged.append(module)
-                else:
+                if module not in adapter.modules:
+                    writer.write_raw(key, raw_bytes(shard, hdr[key]))  # byte for byte, whatever the dtype
                     report.copied += 1
-                writer.write(key, tensor)
-                del tensor
+                    continue
+                tensor = load_tensor(shard, key)
+                delta = adapter.modules[module].delta_weight()
+                if module in transposed:
+                    delta = delta.T
+                report.max_abs_delta = max(report.max_abs_delta, abs(scale) * float(delta.abs().max()))
+                writer.write(key, merged_weight(tensor, delta, scale))
+                report.merged.append(module)
+                del tensor, delta
     if base_path.is_dir():
         for extra in base_path.glob("*.json"):
             shutil.copy2(extra, out_path / extra.name)
@@ -91,5 +95,6 @@ def merge_file(
 
 
 def merged_weight(weight: torch.Tensor, delta: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """``weight + scale · delta`` computed in fp32, returned in ``weight``'s dtype."""
-    return (weight.float() + scale * delta.float().reshape(weight.shape)).to(weight.dtype)
+    """``weight + scale · delta`` computed in fp32 (fp64 for an fp64 weight), returned in ``weight``'s dtype."""
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    return (weight.to(dtype) + scale * delta.to(dtype).reshape(weight.shape)).to(weight.dtype)
