@@ -2,6 +2,7 @@
 
 from .errors import (
     AdapterNameError,
+    ArgumentError,
     ConfigError,
     FormatError,
     LycoError,
@@ -21,7 +22,7 @@ from .ops.factorize import factorization
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdaptedLayer", "Adapter", "AdapterConfig", "AdapterNameError", "ConfigError", "FormatError", "LoHaConfig",
+    "AdaptedLayer", "Adapter", "AdapterConfig", "AdapterNameError", "ArgumentError", "ConfigError", "FormatError", "LoHaConfig",
     "LoKrConfig", "LycoError", "LycoModel", "MergeError", "ModulesToSaveWrapper", "ShapeMismatchError", "StateError",
     "TargetError", "UnsupportedLayerError", "__version__", "factorization", "get_model", "load_lycoris",
     "load_lycoris_into", "register_method", "save_lycoris",

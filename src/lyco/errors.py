@@ -16,6 +16,10 @@ class ConfigError(LycoError, ValueError):
     """An adapter config holds an invalid value (e.g. ``r <= 0``, conflicting options)."""
 
 
+class ArgumentError(LycoError, TypeError):
+    """A public function got an argument of the wrong kind (not a module, not a path, not a name...)."""
+
+
 class TargetError(LycoError, ValueError):
     """Target selection failed: no module matched, or a pattern names nothing in the model."""
 
@@ -46,6 +50,7 @@ class ShapeMismatchError(FormatError):
 
 __all__ = [
     "AdapterNameError",
+    "ArgumentError",
     "ConfigError",
     "FormatError",
     "LycoError",

@@ -14,7 +14,7 @@ import re
 
 from torch import nn
 
-from .errors import FormatError
+from .errors import ArgumentError, FormatError
 from .formats.adapterfile import AdapterFile, ModuleAdapter
 from .formats.keys import infer_component
 from .formats.lycoris import read_lycoris_file, write_lycoris_file
@@ -31,6 +31,8 @@ def adapter_file(model: LycoModel, adapter_name: str = "default") -> AdapterFile
     """One adapter of ``model`` as an :class:`AdapterFile` (module paths, canonical tensors). A module
     without a rank in files (LoKr with both factors full), which the model scales by ``alpha / r``, has
     that factor folded into its tensors and ``alpha = r`` (files scale it by 1)."""
+    if not isinstance(model, LycoModel):
+        raise ArgumentError(f"a LycoModel's adapter is saved, got {type(model).__name__} (wrap it with lyco.get_model)")
     if adapter_name not in model.peft_config:
         raise FormatError(f"no adapter named {adapter_name!r} (adapters: {list(model.peft_config)})")
     config = model.peft_config[adapter_name]
@@ -127,6 +129,8 @@ def load_lycoris_into(
     is_trainable: bool = False,
 ) -> None:
     """Add the adapter stored in a LyCORIS/kohya file to an existing :class:`LycoModel` (all or nothing)."""
+    if not isinstance(model, LycoModel):
+        raise ArgumentError(f"load_lycoris_into adds to a LycoModel, got {type(model).__name__} (use load_lycoris)")
     af = _read(path, model.model, prefix, strict, allow_pickle)
     fit = _fit(model.model, af, wrapper_internals(model.model))
     model.load_adapter_tensors(

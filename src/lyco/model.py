@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -18,7 +19,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import AdapterNameError, ConfigError, FormatError, MergeError, TargetError, UnsupportedLayerError
+from .errors import (
+    AdapterNameError,
+    ArgumentError,
+    ConfigError,
+    FormatError,
+    MergeError,
+    TargetError,
+    UnsupportedLayerError,
+)
 from .formats.names import ModuleTable
 from .formats.peft import adapter_dir, peft_key, peft_tensors, read_peft_dir, write_peft_dir
 from .layer import AdaptedLayer
@@ -64,6 +73,20 @@ def _naming(source: str) -> Iterator[None]:
         raise type(exc)(f"{source}: {exc}") from None
 
 
+def _names(value: Any, what: str) -> list[str]:
+    """Adapter names given as one name or a list of them (:class:`ArgumentError` for anything else)."""
+    names = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise ArgumentError(f"{what} takes an adapter name or a list of names, got {value!r}")
+    return names
+
+
+def _module(value: Any, what: str) -> nn.Module:
+    if not isinstance(value, nn.Module):
+        raise ArgumentError(f"{what} needs a torch.nn.Module, got {type(value).__name__}")
+    return value
+
+
 def _check_compute_dtype(value: Any) -> str | torch.dtype:
     if value in ("input", "adapter") or (isinstance(value, torch.dtype) and value.is_floating_point):
         return value
@@ -98,7 +121,7 @@ class LycoModel(nn.Module):
     ) -> None:
         super().__init__()
         self.compute_dtype = _check_compute_dtype(compute_dtype)
-        self.model = model
+        self.model = _module(model, "LycoModel")
         self.peft_config: dict[str, AdapterConfig] = {}
         self._active: list[str] = []
         self._frozen: set[str] = set()
@@ -163,6 +186,9 @@ class LycoModel(nn.Module):
                 f"adapter name must be a non-empty string without '.', '/' or '\\' (it names a sub-folder of saved "
                 f"adapters), got {adapter_name!r}"
             )
+        adapter_cls = adapter_class_for(config)
+        if plans is not None and not isinstance(plans, Mapping):
+            raise ArgumentError(f"plans must map module names to shape plans, got {type(plans).__name__}")
         check_not_sharded_for_adapters(self)
         if adapter_name in self.peft_config:
             raise AdapterNameError(
@@ -172,7 +198,6 @@ class LycoModel(nn.Module):
         config = copy.deepcopy(config)
         if config.target_modules is None:
             config.target_modules = default_target_modules(self.model)
-        adapter_cls = adapter_class_for(config)
         skip = wrapper_internals(self.model)
         modules = dict(self.model.named_modules())
         created = []
@@ -232,7 +257,7 @@ class LycoModel(nn.Module):
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Activate one adapter or a list (their deltas add up); others stay loaded but inactive."""
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        names = _names(adapter_name, "set_adapter")
         self._check_known(names)
         if not names:
             raise AdapterNameError("set_adapter needs at least one adapter name")
@@ -308,7 +333,7 @@ class LycoModel(nn.Module):
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Add adapters (default: active) into the base weights. ``safe_merge`` checks every layer for
         NaN/Inf first and raises :class:`MergeError` with the model unchanged."""
-        names = list(self._active) if adapter_names is None else list(adapter_names)
+        names = list(self._active) if adapter_names is None else _names(adapter_names, "merge_adapter")
         self._check_known(names)
         check_unsharded(self, "merge adapters into")
         layers = list(self.adapted_layers())
@@ -349,7 +374,7 @@ class LycoModel(nn.Module):
 
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
         """Merge adapters (default: active; those already merged stay) and return the plain base model."""
-        names = list(self._active) if adapter_names is None else list(adapter_names)
+        names = list(self._active) if adapter_names is None else _names(adapter_names, "merge_and_unload")
         self._check_known(names)
         check_unsharded(self, "merge_and_unload")
         todo = [n for n in names if not any(n in layer.merged_adapters for _, layer in self.adapted_layers())]
@@ -374,7 +399,9 @@ class LycoModel(nn.Module):
     # -- scale ---------------------------------------------------------------------------------
     def set_scale(self, adapter: str, scale: float) -> None:
         """``scaling = scale · alpha / r`` on every layer of ``adapter`` (takes effect for unmerged use)."""
-        self._check_known([adapter])
+        self._check_known(_names(adapter, "set_scale"))
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ConfigError(f"set_scale needs a finite number, got {scale!r}")
         layers = [layer for _, layer in self.adapted_layers()]
         for layer in layers:
             layer.check_scalable([adapter])
@@ -410,7 +437,9 @@ class LycoModel(nn.Module):
         ``is_main_process`` (default: rank 0) writes the full, unsharded files; every rank returns once
         they exist. Unsharded model: writes unless ``is_main_process=False``.
         """
-        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        if not isinstance(save_directory, (str, os.PathLike)):
+            raise ArgumentError(f"save_pretrained needs a folder path, got {type(save_directory).__name__}")
+        names = list(self.peft_config) if selected_adapters is None else _names(selected_adapters, "selected_adapters")
         self._check_known(names)
         if not is_sharded(self):
             if is_main_process is not False:
@@ -459,7 +488,7 @@ class LycoModel(nn.Module):
     ) -> LycoModel:
         """Wrap ``model`` with the adapter stored in ``model_id`` (a PEFT directory); on any error ``model`` is
         left as it was. ``kwargs``: :class:`LycoModel` options (``compute_dtype``, ``autocast_adapter_dtype``)."""
-        table = ModuleTable.from_module(model)
+        table = ModuleTable.from_module(_module(model, "from_pretrained"))
         config, tensors = read_peft_dir(model_id, allow_pickle=allow_pickle, subfolder=subfolder, table=table)
         return cls.from_adapter_tensors(
             model, config, tensors, adapter_name, is_trainable=is_trainable, source=str(model_id), key_names=peft_key, **kwargs
@@ -485,7 +514,7 @@ class LycoModel(nn.Module):
         so a split the config would not plan loads exactly). Adapters are created on the meta device and
         materialised from the tensors; on any error ``model`` is left as it was. ``key_names``: how ``source``
         spells a key, for messages (e.g. with PEFT's prefix). ``is_trainable=False`` freezes the adapter and puts the model in eval mode."""
-        plans = infer_plans(model, config, tensors) if plans is None else plans
+        plans = infer_plans(_module(model, "from_adapter_tensors"), config, tensors) if plans is None else plans
         with _naming(source):
             lyco_model = cls(model, config, adapter_name, low_cpu_mem_usage=True, plans=plans, **kwargs)
         lyco_model._fill(adapter_name, tensors, source, is_trainable, key_names, undo=lyco_model.unload)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import FormatError
+from ..errors import ArgumentError, FormatError
 from .adapterfile import AdapterFile
+from .io import as_path
 from .keys import STYLES
 from .lycoris import read_lycoris_file, write_lycoris_file
 from .peft import read_peft_adapter, write_peft_adapter
@@ -21,7 +22,7 @@ FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 def source_format(path: str | os.PathLike) -> str:
     """``"peft"`` for a directory, ``"lycoris"`` for a file; :class:`FormatError` when ``path`` is missing."""
-    p = Path(path)
+    p = as_path(path)
     if p.is_dir():
         return "peft"
     if p.is_file():
@@ -36,7 +37,7 @@ def target_format(path: str | os.PathLike, to: str | None = None) -> str:
         if to not in FORMATS:
             raise FormatError(f"unknown output format {to!r} (known: {', '.join(FORMATS)})")
         return to
-    return "lycoris" if Path(path).suffix in FILE_SUFFIXES else "peft"
+    return "lycoris" if as_path(path).suffix in FILE_SUFFIXES else "peft"
 
 
 def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> AdapterFile:
@@ -65,6 +66,8 @@ def write_adapter(
     (on top of the file's own and the recomputed ``ss_network_*``) only apply to files. Scale: the writers map alpha/r so that every module's ``delta_weight()`` is unchanged.
     Returns the path written.
     """
+    if not isinstance(af, AdapterFile):
+        raise ArgumentError(f"write_adapter writes an AdapterFile, got {type(af).__name__}")
     fmt = target_format(path, to)
     if fmt == "peft":
         if style not in (None, "peft") or prefix is not None:

@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ..errors import FormatError
+from ..errors import ArgumentError, FormatError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -33,9 +33,16 @@ def publish(tmp: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def as_path(value: object, what: str = "path") -> Path:
+    """``value`` as a :class:`~pathlib.Path` (:class:`ArgumentError` when it is not a ``str`` / path-like)."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise ArgumentError(f"{what} must be a file or folder path, got {type(value).__name__}")
+    return Path(value)
+
+
 def read_tensors(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file (or a pickle file with ``allow_pickle=True``, with a warning)."""
-    path = Path(path)
+    path = as_path(path)
     if not path.is_file():
         raise FormatError(f"{path}: no such file")
     if path.suffix in PICKLE_SUFFIXES:
@@ -78,7 +85,7 @@ def write_files(folder: str | os.PathLike, writers: dict[str, Callable[[str], No
     order (a failure before that leaves the folder as it was; the temps are removed). A process killed
     between two renames leaves some new and some old files: readers must detect that (PEFT folders carry
     their config in the weights' metadata). Temps of an earlier killed write are removed first."""
-    folder = Path(folder)
+    folder = as_path(folder, "folder")
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(folder, list(writers))
     temps: dict[str, str] = {}

@@ -23,7 +23,7 @@ from torch import nn
 from ..errors import FormatError
 from ..methods.registry import file_keys
 from .adapterfile import AdapterFile, ModuleAdapter
-from .io import PICKLE_SUFFIXES, read_metadata, read_tensors, warn_nonfinite, write_tensors
+from .io import PICKLE_SUFFIXES, as_path, read_metadata, read_tensors, warn_nonfinite, write_tensors
 from .keys import EXTRA_KEYS, UNSUPPORTED_KEYS, infer_component, match_convention, module_keys, split_key
 from .metadata import file_metadata
 from .names import ModuleTable
@@ -178,7 +178,7 @@ def read_lycoris_file(
     module paths of ``model`` they resolve to, with shapes checked. ``convention`` says which key
     convention(s) the file used. Pickle files (``.pt``, ``.bin``, ``.ckpt``) need ``allow_pickle=True``.
     """
-    source = str(path)
+    source = str(as_path(path))
     tensors, metadata = read_tensors(path, allow_pickle=allow_pickle), read_metadata(path)
     af = parse_state_dict(tensors, metadata, source, prefix=prefix, strict=strict)
     if model is not None:
@@ -227,7 +227,7 @@ def write_lycoris_file(
     the style's prefix. Metadata: :func:`lyco.formats.metadata.file_metadata` (the adapter's own values,
     the missing ``ss_network_*`` computed, then ``metadata``).
     """
-    if str(path).endswith(PICKLE_SUFFIXES):
+    if str(as_path(path)).endswith(PICKLE_SUFFIXES):
         raise FormatError(f"{path}: lyco writes LyCORIS files as .safetensors only")
     if not af.modules:
         raise FormatError(f"{path}: the adapter has no modules to write")

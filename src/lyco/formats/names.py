@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..errors import FormatError
+from ..errors import ArgumentError, FormatError
 from ..ops.layerops import layer_spec
 from .keys import COMPONENT_ROOTS, Convention, match_convention, underscore
 
@@ -65,6 +65,8 @@ class ModuleTable:
         ``ModulesToSaveWrapper``, PEFT's layers: a ``get_base_layer()`` method — stand for the layer they wrap
         and hide their internals; a root with ``get_base_model()`` (``LycoModel``, ``PeftModel``) is read
         through to the model it wraps."""
+        if not isinstance(root, nn.Module):
+            raise ArgumentError(f"module names are read from a torch.nn.Module, got {type(root).__name__}")
         while callable(getattr(root, "get_base_model", None)):
             root = root.get_base_model()
         shapes: dict[str, Shape] = {}

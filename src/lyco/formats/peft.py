@@ -28,7 +28,7 @@ from ..methods.config import AdapterConfig, pattern_value
 from ..methods.registry import method_for_peft_type
 from ..methods.schema import MethodSchema
 from .adapterfile import AdapterFile, ModuleAdapter
-from .io import read_metadata, read_tensors, tensor_writer, text_writer, warn_nonfinite, write_files
+from .io import as_path, read_metadata, read_tensors, tensor_writer, text_writer, warn_nonfinite, write_files
 from .keys import PEFT_PREFIX, module_keys
 from .lycoris import resolve_adapter_file
 from .names import ModuleTable
@@ -144,7 +144,8 @@ def read_peft_dir(
     """Config and tensors of a PEFT adapter folder, keyed ``<module path>.<param>`` (PEFT's prefix removed; a
     key without it is a :class:`FormatError`). With ``table`` (the model's modules),
     1-D conv CP cores are converted from PEFT's ``(r, r, k, 1)`` to lyco's ``(r, r, k)``."""
-    folder = Path(model_id) / subfolder if subfolder else Path(model_id)
+    folder = as_path(model_id, "adapter folder")
+    folder = folder / subfolder if subfolder else folder
     cfg_path = folder / CONFIG_NAME
     if not cfg_path.is_file():
         raise FormatError(f"{folder}: no {CONFIG_NAME} (not a PEFT adapter folder)")
@@ -185,7 +186,7 @@ def write_peft_dir(
 ) -> Path:
     """Write one adapter (``tensors`` keyed ``<module path>.<param>``, lyco layouts) as a PEFT folder: weights
     (PEFT keys and layouts) then ``adapter_config.json``; returns the folder."""
-    folder = Path(folder)
+    folder = as_path(folder, "folder")
     payload = config_to_json(config, base_model)
     metadata = {"format": "pt", SAVED_CONFIG: _saved_config(payload, type(config))}
     write_files(folder, {  # weights first: a kill between the renames leaves new weights, which name their config

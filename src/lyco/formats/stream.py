@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from ..errors import FormatError
 from .io import publish
@@ -104,13 +103,18 @@ def raw_bytes(path: str | os.PathLike, entry: Entry, chunk: int = 1 << 24) -> It
         raise FormatError(f"{path}: cannot read tensor bytes ({exc})") from None
 
 
-def load_tensor(path: str | os.PathLike, name: str) -> torch.Tensor:
-    """One tensor of a safetensors file (memory-mapped read)."""
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            return fh.get_tensor(name)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise FormatError(f"{path}: cannot read tensor {name!r} ({exc})") from None
+def load_tensor(path: str | os.PathLike, name: str, entry: Entry) -> torch.Tensor:
+    """One tensor of a safetensors file, read from its bytes (so that tensors of dtypes ``safetensors``
+    itself does not know elsewhere in the file do not matter); its dtype must be one of ``DTYPES``."""
+    dtype = DTYPES.get(entry.dtype)
+    if dtype is None:
+        raise FormatError(f"{path}: tensor {name!r} has dtype {entry.dtype}, which lyco cannot compute with")
+    data = bytearray().join(raw_bytes(path, entry))
+    if len(data) != math.prod(entry.shape) * dtype.itemsize:
+        raise FormatError(f"{path}: tensor {name!r} has {len(data)} bytes for {entry.dtype} {entry.shape}")
+    if not data:
+        return torch.empty(entry.shape, dtype=dtype)
+    return torch.frombuffer(data, dtype=dtype).reshape(entry.shape)  # safetensors is little-endian, as torch here
 
 
 class StreamingWriter:

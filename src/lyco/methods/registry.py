@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from ..errors import ConfigError, FormatError
+from ..errors import ArgumentError, ConfigError, FormatError
 from .adapter import Adapter
 from .config import AdapterConfig
 from .schema import MethodSchema
@@ -33,6 +33,8 @@ def register_method(cls: M) -> M:
     A :class:`MethodSchema` that is not an ``Adapter`` registers a file-only method. Algorithm names and the
     key suffixes of identifying tensors must be unique across methods (:class:`ConfigError`).
     """
+    if not isinstance(cls, type) or not issubclass(cls, MethodSchema):
+        raise ArgumentError(f"register_method takes an Adapter subclass (or a MethodSchema), got {cls!r}")
     if issubclass(cls, Adapter):
         cfg = cls.config_cls
         if not cfg.peft_type:

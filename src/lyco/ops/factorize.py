@@ -26,8 +26,10 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     >>> factorization(256), factorization(128), factorization(128, 4), factorization(127)
     ((16, 16), (8, 16), (4, 32), (1, 127))
     """
-    if dimension < 1:
-        raise ConfigError(f"factorization needs a positive dimension, got {dimension}")
+    if isinstance(dimension, bool) or not isinstance(dimension, int) or dimension < 1:
+        raise ConfigError(f"factorization needs a positive integer dimension, got {dimension!r}")
+    if isinstance(factor, bool) or not isinstance(factor, int):
+        raise ConfigError(f"factorization needs an integer factor, got {factor!r}")
     if factor > 0 and dimension % factor == 0:
         return factor, dimension // factor
     if factor <= 0:

@@ -80,7 +80,7 @@ def merge_file(
                     writer.write_raw(key, raw_bytes(shard, hdr[key]))  # byte for byte, whatever the dtype
                     report.copied += 1
                     continue
-                tensor = load_tensor(shard, key)
+                tensor = load_tensor(shard, key, hdr[key])
                 delta = adapter.modules[module].delta_weight()
                 if module in transposed:
                     delta = delta.T
