@@ -13,6 +13,7 @@ whose changes are not written back to the shards. So lyco
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -20,25 +21,28 @@ from torch import nn
 
 from .errors import MergeError, StateError
 
-try:  # torch >= 2.5 (DTensor public), >= 2.6 (FSDPModule public)
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - older torch or no distributed build: nothing can be sharded
-    FSDPModule = DTensor = None  # type: ignore[assignment,misc]
+
+def _types() -> tuple[type | None, type | None]:
+    """``(FSDPModule, DTensor)`` when their modules are loaded, else ``None`` each: a model can only be sharded
+    by code that imported them, so lyco never imports ``torch.distributed`` itself (0.6 s of ``import lyco``)."""
+    fsdp, tensor = sys.modules.get("torch.distributed.fsdp"), sys.modules.get("torch.distributed.tensor")
+    return getattr(fsdp, "FSDPModule", None), getattr(tensor, "DTensor", None)
 
 
 def fsdp_modules(model: nn.Module) -> list[nn.Module]:
     """Every submodule (``model`` included) that ``fully_shard`` was applied to."""
-    if FSDPModule is None:
+    fsdp_module, _ = _types()
+    if fsdp_module is None:
         return []
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+    return [m for m in model.modules() if isinstance(m, fsdp_module)]
 
 
 def is_sharded(model: nn.Module) -> bool:
     """Whether ``model`` is (partly) sharded by FSDP2 or holds ``DTensor`` parameters."""
-    if DTensor is None:
-        return False
-    return bool(fsdp_modules(model)) or any(isinstance(p, DTensor) for p in model.parameters())
+    _, dtensor = _types()
+    if dtensor is None:
+        return bool(fsdp_modules(model))
+    return bool(fsdp_modules(model)) or any(isinstance(p, dtensor) for p in model.parameters())
 
 
 def check_unsharded(model: nn.Module, action: str) -> None:
@@ -73,12 +77,13 @@ def full_weights(model: nn.Module, modules: Iterable[nn.Module]) -> Iterator[Non
     """
     for m in fsdp_modules(model):
         m.reshard()
+    _, dtensor = _types()
     swapped: list[tuple[dict[str, torch.Tensor | None], str, torch.Tensor]] = []
     try:
         for module in modules:
             for table in (module._parameters, module._buffers):
                 for name, t in list(table.items()):
-                    if DTensor is not None and isinstance(t, DTensor):
+                    if dtensor is not None and isinstance(t, dtensor):
                         full = t.full_tensor().detach()
                         table[name] = nn.Parameter(full, requires_grad=False) if isinstance(t, nn.Parameter) else full
                         swapped.append((table, name, t))
