@@ -191,7 +191,7 @@ def _saved(folder) -> dict[str, torch.Tensor]:
 
 
 def test_lyco_trainer_checkpoint_is_the_adapter_with_tied_embeddings(method, tmp_path):
-    from lyco.model import adapter_state_dict
+    from lyco.model_io import adapter_state_dict
 
     model = lyco.get_model(tiny_gpt2(), CONFIGS[method]())  # gpt2 default target: c_attn (Conv1D)
     trainer = _lyco_trainer(model, tmp_path / "run", max_steps=3)
@@ -252,7 +252,7 @@ def test_lyco_trainer_load_best_model_at_end(tmp_path):
     best = trainer.state.best_model_checkpoint
     assert best is not None and best.endswith("checkpoint-3")
     final = _saved(tmp_path / "run" / "checkpoint-6")
-    from lyco.model import adapter_state_dict
+    from lyco.model_io import adapter_state_dict
 
     now = adapter_state_dict(model, "default")
     assert all(params[n] is p for n, p in model.named_parameters())  # loaded in place

@@ -11,9 +11,8 @@ import contextlib
 import copy
 import functools
 import math
-import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -23,26 +22,20 @@ from .errors import (
     AdapterNameError,
     ArgumentError,
     ConfigError,
-    FormatError,
     MergeError,
-    TargetError,
     UnsupportedLayerError,
 )
-from .formats.names import ModuleTable
-from .formats.peft import adapter_dir, peft_key, peft_tensors, read_peft_dir, write_peft_dir
 from .layer import AdaptedLayer
 from .methods.adapter import META
 from .methods.config import AdapterConfig, pattern_value
 from .methods.registry import adapter_class_for
+from .model_io import AdapterIO, as_module, names_arg
 from .modules_to_save import ModulesToSaveWrapper
 from .ops.layerops import SUPPORTED_LAYERS, layer_spec
-from .sharding import check_not_sharded_for_adapters, check_unsharded, full_weights, is_sharded
+from .sharding import check_not_sharded_for_adapters, check_unsharded
 from .targeting import bypassed, check_modules_to_save, default_target_modules, find_targets
 from .tree import (
     adapted_layers,
-    adapter_tensors,
-    infer_plans,
-    load_adapter_tensors,
     saved_modules,
     wrapper_internals,
 )
@@ -64,36 +57,13 @@ def _adapter_dtype(weight: torch.Tensor, autocast_adapter_dtype: bool) -> torch.
     return weight.dtype
 
 
-@contextlib.contextmanager
-def _naming(source: str) -> Iterator[None]:
-    """Targeting errors raised while building an adapter from a file name the file (same error class)."""
-    try:
-        yield
-    except TargetError as exc:
-        raise type(exc)(f"{source}: {exc}") from None
-
-
-def _names(value: Any, what: str) -> list[str]:
-    """Adapter names given as one name or a list of them (:class:`ArgumentError` for anything else)."""
-    names = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
-    if names is None or not all(isinstance(n, str) for n in names):
-        raise ArgumentError(f"{what} takes an adapter name or a list of names, got {value!r}")
-    return names
-
-
-def _module(value: Any, what: str) -> nn.Module:
-    if not isinstance(value, nn.Module):
-        raise ArgumentError(f"{what} needs a torch.nn.Module, got {type(value).__name__}")
-    return value
-
-
 def _check_compute_dtype(value: Any) -> str | torch.dtype:
     if value in ("input", "adapter") or (isinstance(value, torch.dtype) and value.is_floating_point):
         return value
     raise ConfigError(f"compute_dtype must be 'input', 'adapter' or a floating torch.dtype, got {value!r}")
 
 
-class LycoModel(nn.Module):
+class LycoModel(AdapterIO):
     """A model with LyCORIS-family adapters. ``forward`` (and unknown attributes) go to the wrapped model.
 
     Args:
@@ -121,7 +91,7 @@ class LycoModel(nn.Module):
     ) -> None:
         super().__init__()
         self.compute_dtype = _check_compute_dtype(compute_dtype)
-        self.model = _module(model, "LycoModel")
+        self.model = as_module(model, "LycoModel")
         self.peft_config: dict[str, AdapterConfig] = {}
         self._active: list[str] = []
         self._frozen: set[str] = set()
@@ -250,15 +220,16 @@ class LycoModel(nn.Module):
         self.peft_config[adapter_name] = config
         self._update_trainable()
 
-    def _check_known(self, names: list[str]) -> None:
+    def require_adapters(self, names: list[str]) -> None:
+        """:class:`AdapterNameError` unless every name in ``names`` is an adapter of this model."""
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise AdapterNameError(f"unknown adapter(s) {unknown}; available: {list(self.peft_config)}")
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Activate one adapter or a list (their deltas add up); others stay loaded but inactive."""
-        names = _names(adapter_name, "set_adapter")
-        self._check_known(names)
+        names = names_arg(adapter_name, "set_adapter")
+        self.require_adapters(names)
         if not names:
             raise AdapterNameError("set_adapter needs at least one adapter name")
         self._active = names
@@ -279,13 +250,13 @@ class LycoModel(nn.Module):
 
     def set_trainable(self, adapter_name: str, trainable: bool = True) -> None:
         """Mark an adapter trainable (when active) or frozen (inference mode)."""
-        self._check_known([adapter_name])
+        self.require_adapters([adapter_name])
         (self._frozen.discard if trainable else self._frozen.add)(adapter_name)
         self._update_trainable()
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an inactive, unmerged adapter; layers left without adapters are unwrapped."""
-        self._check_known([adapter_name])
+        self.require_adapters([adapter_name])
         if adapter_name in self._active:
             raise AdapterNameError(
                 f"adapter {adapter_name!r} is active; set_adapter() to another one before deleting it"
@@ -333,8 +304,8 @@ class LycoModel(nn.Module):
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Add adapters (default: active) into the base weights. ``safe_merge`` checks every layer for
         NaN/Inf first and raises :class:`MergeError` with the model unchanged."""
-        names = list(self._active) if adapter_names is None else _names(adapter_names, "merge_adapter")
-        self._check_known(names)
+        names = list(self._active) if adapter_names is None else names_arg(adapter_names, "merge_adapter")
+        self.require_adapters(names)
         check_unsharded(self, "merge adapters into")
         layers = list(self.adapted_layers())
         already = sorted({n for _, layer in layers for n in layer.merged_adapters if n in names})
@@ -374,8 +345,8 @@ class LycoModel(nn.Module):
 
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
         """Merge adapters (default: active; those already merged stay) and return the plain base model."""
-        names = list(self._active) if adapter_names is None else _names(adapter_names, "merge_and_unload")
-        self._check_known(names)
+        names = list(self._active) if adapter_names is None else names_arg(adapter_names, "merge_and_unload")
+        self.require_adapters(names)
         check_unsharded(self, "merge_and_unload")
         todo = [n for n in names if not any(n in layer.merged_adapters for _, layer in self.adapted_layers())]
         if todo:
@@ -399,7 +370,7 @@ class LycoModel(nn.Module):
     # -- scale ---------------------------------------------------------------------------------
     def set_scale(self, adapter: str, scale: float) -> None:
         """``scaling = scale · alpha / r`` on every layer of ``adapter`` (takes effect for unmerged use)."""
-        self._check_known(_names(adapter, "set_scale"))
+        self.require_adapters(names_arg(adapter, "set_scale"))
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise ConfigError(f"set_scale needs a finite number, got {scale!r}")
         layers = [layer for _, layer in self.adapted_layers()]
@@ -422,140 +393,6 @@ class LycoModel(nn.Module):
         """Print ``trainable params: T || all params: A || trainable%: P`` (PEFT's format)."""
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / max(total, 1):.4f}")
-
-    # -- files (PEFT directory layout) -----------------------------------------------------------
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike,
-        selected_adapters: list[str] | None = None,
-        is_main_process: bool | None = None,
-    ) -> None:
-        """Write each adapter as PEFT does: ``adapter_config.json`` + ``adapter_model.safetensors``;
-        the adapter named ``default`` at the top, others in sub-folders named after them.
-
-        FSDP2-sharded model (``fully_shard``): call it on every rank; the adapter weights are gathered and
-        ``is_main_process`` (default: rank 0) writes the full, unsharded files; every rank returns once
-        they exist. Unsharded model: writes unless ``is_main_process=False``.
-        """
-        if not isinstance(save_directory, (str, os.PathLike)):
-            raise ArgumentError(f"save_pretrained needs a folder path, got {type(save_directory).__name__}")
-        names = list(self.peft_config) if selected_adapters is None else _names(selected_adapters, "selected_adapters")
-        self._check_known(names)
-        if not is_sharded(self):
-            if is_main_process is not False:
-                for name in names:
-                    self._write_peft(name, save_directory)
-            return
-        import torch.distributed as dist
-
-        modules = [layer.lyco_adapters[n] for _, layer in self.adapted_layers() for n in names if n in layer.lyco_adapters]
-        modules += [w.modules_to_save[n] for _, w in self.saved_modules() for n in names if n in w.modules_to_save]
-        with full_weights(self, modules):
-            if is_main_process if is_main_process is not None else dist.get_rank() == 0:
-                for name in names:
-                    self._write_peft(name, save_directory)
-        dist.barrier()
-
-    def _write_peft(self, adapter_name: str, save_directory: str | os.PathLike) -> None:
-        tensors = adapter_tensors(self.model, adapter_name)
-        if any(t.device.type == "meta" for t in tensors.values()):
-            raise FormatError(f"adapter {adapter_name!r} has weights on the meta device; load or initialise them first")
-        write_peft_dir(adapter_dir(save_directory, adapter_name), self.peft_config[adapter_name], tensors, self.model)
-
-    def load_adapter(
-        self,
-        model_id: str | os.PathLike,
-        adapter_name: str,
-        is_trainable: bool = False,
-        allow_pickle: bool = False,
-        subfolder: str | None = None,
-    ) -> None:
-        """Load an adapter directory (written by lyco or peft) as a new adapter ``adapter_name``."""
-        table = ModuleTable.from_module(self.model)
-        config, tensors = read_peft_dir(model_id, allow_pickle=allow_pickle, subfolder=subfolder, table=table)
-        self.load_adapter_tensors(adapter_name, config, tensors, is_trainable=is_trainable, source=str(model_id), key_names=peft_key)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        model: nn.Module,
-        model_id: str | os.PathLike,
-        adapter_name: str = "default",
-        is_trainable: bool = False,
-        allow_pickle: bool = False,
-        subfolder: str | None = None,
-        **kwargs: Any,
-    ) -> LycoModel:
-        """Wrap ``model`` with the adapter stored in ``model_id`` (a PEFT directory); on any error ``model`` is
-        left as it was. ``kwargs``: :class:`LycoModel` options (``compute_dtype``, ``autocast_adapter_dtype``)."""
-        table = ModuleTable.from_module(_module(model, "from_pretrained"))
-        config, tensors = read_peft_dir(model_id, allow_pickle=allow_pickle, subfolder=subfolder, table=table)
-        return cls.from_adapter_tensors(
-            model, config, tensors, adapter_name, is_trainable=is_trainable, source=str(model_id), key_names=peft_key, **kwargs
-        )
-
-    # -- tensors (what file loaders build on) -----------------------------------------------------------
-    @classmethod
-    def from_adapter_tensors(
-        cls,
-        model: nn.Module,
-        config: AdapterConfig,
-        tensors: Mapping[str, torch.Tensor],
-        adapter_name: str = "default",
-        *,
-        plans: Mapping[str, Any] | None = None,
-        is_trainable: bool = False,
-        source: str = "<tensors>",
-        key_names: Callable[[str], str | None] | None = None,
-        **kwargs: Any,
-    ) -> LycoModel:
-        """Wrap ``model`` with an adapter whose weights are ``tensors`` (keyed ``<module path>.<param>``, lyco's
-        layouts; see :mod:`lyco.tree`). ``plans``: per-module shape plans (default: inferred from the tensors,
-        so a split the config would not plan loads exactly). Adapters are created on the meta device and
-        materialised from the tensors; on any error ``model`` is left as it was. ``key_names``: how ``source``
-        spells a key, for messages (e.g. with PEFT's prefix). ``is_trainable=False`` freezes the adapter and puts the model in eval mode."""
-        plans = infer_plans(_module(model, "from_adapter_tensors"), config, tensors) if plans is None else plans
-        with _naming(source):
-            lyco_model = cls(model, config, adapter_name, low_cpu_mem_usage=True, plans=plans, **kwargs)
-        lyco_model._fill(adapter_name, tensors, source, is_trainable, key_names, undo=lyco_model.unload)
-        return lyco_model
-
-    def load_adapter_tensors(
-        self,
-        adapter_name: str,
-        config: AdapterConfig,
-        tensors: Mapping[str, torch.Tensor],
-        *,
-        plans: Mapping[str, Any] | None = None,
-        is_trainable: bool = False,
-        source: str = "<tensors>",
-        key_names: Callable[[str], str | None] | None = None,
-    ) -> None:
-        """Add adapter ``adapter_name`` with weights ``tensors`` (as :meth:`from_adapter_tensors`); all or nothing."""
-        plans = infer_plans(self.model, config, tensors) if plans is None else plans
-        with _naming(source):
-            self.add_adapter(adapter_name, config, low_cpu_mem_usage=True, plans=plans)
-        self._fill(adapter_name, tensors, source, is_trainable, key_names, undo=lambda: self.delete_adapter(adapter_name))
-
-    def _fill(
-        self,
-        adapter_name: str,
-        tensors: Mapping[str, torch.Tensor],
-        source: str,
-        is_trainable: bool,
-        key_names: Callable[[str], str | None] | None,
-        undo: Callable[[], object],
-    ) -> None:
-        """Load the new adapter's weights; on any error ``undo()`` removes what was added (the one rollback)."""
-        try:
-            load_adapter_tensors(self.model, {adapter_name: tensors}, source, show=key_names or str)
-        except BaseException:
-            undo()
-            raise
-        self.set_trainable(adapter_name, is_trainable)
-        if not is_trainable:
-            self.eval()
-
 
 def get_model(
     model: nn.Module,
@@ -582,10 +419,3 @@ def get_model(
         model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
         autocast_adapter_dtype=autocast_adapter_dtype, plans=plans, compute_dtype=compute_dtype,
     )  # fmt: skip
-
-
-def adapter_state_dict(model: LycoModel, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """One adapter's tensors as PEFT keys and layouts (``base_model.model.<module>.<param>``): exactly what
-    ``save_pretrained`` writes to ``adapter_model.safetensors`` (PEFT's ``get_peft_model_state_dict``)."""
-    model._check_known([adapter_name])
-    return peft_tensors(model.peft_config[adapter_name], adapter_tensors(model.model, adapter_name))
