@@ -80,6 +80,7 @@ class Net(nn.Module):
 
 
 METHODS = {
+    "lora": lambda: lyco.LoRAConfig(r=4, use_effective_conv2d=True, target_modules=["conv", "fc1", "fc2"], init_weights=False),
     "loha": lambda: lyco.LoHaConfig(r=4, use_effective_conv2d=True, target_modules=["conv", "fc1", "fc2"], init_weights=False),
     "lokr": lambda: lyco.LoKrConfig(r=2, decompose_both=True, target_modules=["conv", "fc1", "fc2"], init_weights=False),
 }

@@ -33,6 +33,8 @@ class Block(nn.Module):
 
 
 CONFIGS = {
+    "lora_tucker": lambda **kw: lyco.LoRAConfig(r=4, use_effective_conv2d=True, **kw),
+    "lora": lambda **kw: lyco.LoRAConfig(r=2, **kw),
     "loha_cp": lambda **kw: lyco.LoHaConfig(r=4, use_effective_conv2d=True, **kw),
     "loha": lambda **kw: lyco.LoHaConfig(r=2, **kw),
     "lokr_both": lambda **kw: lyco.LoKrConfig(r=2, decompose_both=True, use_effective_conv2d=True, **kw),

@@ -27,7 +27,8 @@ HALF_TOL = {torch.float16: 1e-2, torch.bfloat16: 5e-2}  # half forward vs fp32 r
 HADA = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}
 LOKR_W2_LOW = {"lokr_w2_a", "lokr_w2_b"}
 ALL_KINDS = tuple(LAYER_KINDS)
-METHODS = {"loha": lyco.LoHaConfig, "lokr": lyco.LoKrConfig}
+METHODS = {"lora": lyco.LoRAConfig, "loha": lyco.LoHaConfig, "lokr": lyco.LoKrConfig}
+LORA = {"lora_down", "lora_up"}
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,9 @@ class Option:
 
 
 OPTIONS = [
+    Option("lora", "plain", {"r": 2, "alpha": 6}, lambda sp: LORA),
+    Option("lora", "tucker", {"r": 2, "alpha": 6, "use_effective_conv2d": True},
+           lambda sp: LORA | ({"lora_mid"} if sp else set()), CONV_KINDS),
     Option("loha", "plain", {"r": 2, "alpha": 16}, lambda sp: HADA),
     Option("loha", "effective_conv", {"r": 2, "alpha": 16, "use_effective_conv2d": True},
            lambda sp: HADA | ({"hada_t1", "hada_t2"} if sp else set()), CONV_KINDS),
@@ -80,6 +84,13 @@ def naive_delta(opt: Option, base: nn.Module, adapter: nn.Module) -> torch.Tenso
     p = dict(adapter.named_parameters())
     shape = canonical(base, base.weight).shape
     scale = opt.kwargs["alpha"] / opt.kwargs["r"]
+    if opt.method == "lora":
+        up, down = p["lora_up"].flatten(1), p["lora_down"].flatten(1)
+        if "lora_mid" in p:  # ΔW[p, q, k] = Σ_ij mid[i, j, k] · up[p, i] · down[j, q]
+            delta = torch.einsum("ij...,pi,jq->pq...", p["lora_mid"], up, down)
+        else:
+            delta = (up @ down).reshape(shape)
+        return canonical(base, delta * scale)
     if opt.method == "loha":
         if "hada_t1" in p:
             rebuild1 = torch.einsum("ij...,jr,ip->pr...", p["hada_t1"], p["hada_w1_b"], p["hada_w1_a"])

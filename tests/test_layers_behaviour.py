@@ -14,7 +14,7 @@ from lyco.methods import METHODS as REGISTRY
 
 ATOL = RTOL = 1e-5  # fp32 comparisons
 R, ALPHA = 2, 6  # low-rank factors for both methods on every kind (see conftest), scaling 3
-METHODS = {"loha": lyco.LoHaConfig, "lokr": lyco.LoKrConfig}
+METHODS = {"lora": lyco.LoRAConfig, "loha": lyco.LoHaConfig, "lokr": lyco.LoKrConfig}
 GRID = [pytest.param(m, k, id=f"{m}-{k}") for m in METHODS for k in LAYER_KINDS]
 # (method, extra config, whether kept rows are rescaled by 1 / kept fraction)
 RESCALE = [

@@ -170,16 +170,17 @@ def test_split_peft_cannot_describe_is_an_error(tmp_path):
         write_peft_adapter(read_lycoris_file(path, model=net), tmp_path / "out", base_model=net)
 
 
-def test_mixed_or_lora_files_do_not_load(tmp_path):
+def test_lora_files_load_and_mixed_files_do_not(tmp_path):
     g = torch.Generator().manual_seed(0)
     lora = {"lora_unet_a.lora_down.weight": torch.randn(2, 16, generator=g),
-            "lora_unet_a.lora_up.weight": torch.randn(16, 2, generator=g), "lora_unet_a.alpha": torch.tensor(2.0)}  # fmt: skip
+            "lora_unet_a.lora_up.weight": torch.randn(16, 2, generator=g), "lora_unet_a.alpha": torch.tensor(4.0)}  # fmt: skip
     path = tmp_path / "lora.safetensors"
     save_file(lora, str(path))
-    af = read_lycoris_file(path)  # readable (for inspect / merge), not loadable as a lyco adapter
+    af = read_lycoris_file(path)
     assert af.algos() == {"lora"} and af.convention == "kohya" and af.modules["lora_unet_a"].rank == 2
-    with pytest.raises(lyco.FormatError, match="plain LoRA"):
-        lyco.load_lycoris(Two(), path)
+    model = lyco.load_lycoris(Two(), path)  # a kohya LoRA file is a lyco LoRA adapter (scale alpha / r = 2)
+    want = lora["lora_unet_a.lora_up.weight"] @ lora["lora_unet_a.lora_down.weight"] * 2.0
+    torch.testing.assert_close(_delta(model, "a"), want, atol=1e-5, rtol=0)
     mixed = {"lycoris_a.hada_w1_a": torch.randn(16, 1), "lycoris_a.hada_w1_b": torch.randn(1, 16),
              "lycoris_a.hada_w2_a": torch.randn(16, 1), "lycoris_a.hada_w2_b": torch.randn(1, 16),
              "lycoris_b.lokr_w1": torch.randn(4, 4), "lycoris_b.lokr_w2": torch.randn(4, 4)}  # fmt: skip

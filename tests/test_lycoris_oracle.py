@@ -28,6 +28,9 @@ CP_BUG = "lycoris-lora 4.1.3 cannot reload a LoKr CP (use_tucker) module whose w
 
 # (id, create_lycoris kwargs, excluded modules, reason lycoris-lora cannot reload the file or None)
 CASES = [
+    ("lora", {"algo": "lora", **R2}, (), None),
+    ("locon-tucker", {"algo": "locon", "use_tucker": True, **R2}, (), None),
+    ("lora-rs", {"algo": "lora", "rs_lora": True, **R2}, (), None),  # files store alpha·√r
     ("loha", {"algo": "loha", **R2}, (), None),
     ("loha-tucker", {"algo": "loha", "use_tucker": True, **R2}, (), None),
     # small (4→8): w2 (4, 2, 3, 3) full since r >= max(4, 2)/2, so both factors full there → scale 1

@@ -168,7 +168,7 @@ CORRUPTIONS = {
     "no-config": (lambda p: (p / CONFIG).unlink(), lyco.FormatError, "adapter_config.json"),
     "bad-json": (lambda p: (p / CONFIG).write_text("{not json"), lyco.FormatError, "JSON"),
     "json-list": (lambda p: (p / CONFIG).write_text("[1, 2]"), lyco.FormatError, "JSON object"),
-    "unknown-type": (lambda p: _edit_config(p, lambda d: d.update(peft_type="LORA")), lyco.FormatError, "LORA"),
+    "unknown-type": (lambda p: _edit_config(p, lambda d: d.update(peft_type="VERA")), lyco.FormatError, "VERA"),
     "invalid-r": (lambda p: _edit_config(p, lambda d: d.update(r=0)), lyco.FormatError, "r"),
     "no-weights": (lambda p: (p / WEIGHTS).unlink(), lyco.FormatError, "no such file"),
     "garbage-weights": (lambda p: (p / WEIGHTS).write_bytes(b"\x00garbage" * 10), lyco.FormatError, "safetensors"),

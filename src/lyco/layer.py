@@ -9,6 +9,7 @@ from functools import partial
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import MergeError, StateError, UnsupportedLayerError
@@ -20,13 +21,17 @@ class Term(NamedTuple):
     """One live adapter's part of a forward: ``scale · mask ⊙ ΔW·x`` computed in ``dtype``.
 
     ``scale``: the adapter's ``scaling``, in training times its module-dropout 0/1 factor ``(1,)``;
-    ``mask``: the rank-dropout keep-mask over output channels ``(out,)`` (training) or ``None``.
+    ``mask``: the rank-dropout keep-mask over output channels ``(out,)`` (training) or ``None``;
+    ``x``: the adapter's own input when it differs from the layer's (input dropout in training), else ``None``;
+    ``factored``: the path :meth:`Adapter.select_path` chose (else ``ΔW`` is built).
     """
 
     adapter: Adapter
     dtype: torch.dtype
     scale: float | torch.Tensor
     mask: torch.Tensor | None
+    x: torch.Tensor | None = None
+    factored: bool = False
 
 
 def rank_dropout_mask(
@@ -67,6 +72,12 @@ def _along(factor: float | torch.Tensor, ndim: int, dim: int) -> float | torch.T
     shape = [1] * ndim
     shape[dim] = -1
     return factor.view(shape)
+
+
+def _fusable_first(rest: list[Term], x: torch.Tensor) -> bool:
+    """The first factored term can run inside the base matmul (:meth:`Adapter.fused_linear`): it computes in
+    ``x``'s dtype on ``x`` itself, without a rank-dropout mask."""
+    return bool(rest) and rest[0].dtype == x.dtype and rest[0].mask is None and rest[0].x is None
 
 
 def _dense_delta(terms: list[Term]) -> tuple[torch.Tensor, float]:
@@ -145,47 +156,60 @@ class AdaptedLayer(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """``base_layer(x) + Σ scale · mask ⊙ ΔW·x`` over the live adapters: dense terms summed into one
-        ``ΔW`` (added to the base weight when :meth:`can_fuse`), then the factored terms (the first one
-        may run inside the base matmul, :meth:`Adapter.fused_linear`)."""
+        """``base_layer(x) + Σ scale · mask ⊙ ΔW·x`` over the live adapters: dense terms on the layer's input
+        summed into one ``ΔW`` (added to the base weight when :meth:`can_fuse`), then the other terms —
+        factored ones (the first may run inside the base matmul, :meth:`Adapter.fused_linear`) and those with
+        an input of their own (dropout) — one by one."""
         names = self.live_adapters()
         if not names:
             return self.base_layer(x, *args, **kwargs)
         base = self._modules["base_layer"]
         fuse = not args and not kwargs and self.can_fuse(x)
-        dense, factored = self._terms(names, x, fuse)
+        dense, rest = self._terms(names, x, fuse)
         result = None
         if dense:
             result = self._dense_forward(x, dense, fuse, args, kwargs)
-        elif fuse and self.spec.kind == "linear" and factored[0].dtype == x.dtype and factored[0].mask is None:
-            first = factored[0]
+        elif fuse and self.spec.kind == "linear" and _fusable_first(rest, x):
+            first = rest[0]
             result = first.adapter.fused_linear(x, base.weight, base.bias, first.scale)  # None: cannot fuse
             if result is not None:
-                factored = factored[1:]
+                rest = rest[1:]
         if result is None:
             result = base(x, *args, **kwargs)
         in_place = self._plain_base() and not (dense and not fuse)  # the result is a fresh tensor only we hold
-        conv = partial(base._conv_forward, bias=None) if factored and self.spec.kind == "conv" else None
-        for term in factored:
-            out = term.adapter.factored_delta(x.to(term.dtype), term.scale, conv)
-            if term.mask is not None:
-                out = out * _along(term.mask, out.dim(), self.spec.channel_dim(out.dim()))
+        conv = partial(base._conv_forward, bias=None) if rest and self.spec.kind == "conv" else None
+        for term in rest:
+            out = self._term_output(term, x, conv)
             result = result.add_(out.to(result.dtype)) if in_place else result + out.to(result.dtype)
         return result
 
     def _terms(self, names: list[str], x: torch.Tensor, fuse: bool) -> tuple[list[Term], list[Term]]:
-        """The live adapters' terms for input ``x``, split by path (:meth:`Adapter.select_path`)."""
+        """The live adapters' terms for input ``x``: dense ones on ``x`` (summed later), and the rest — factored
+        (:meth:`Adapter.select_path`) or with an input of their own (input dropout in training)."""
         grad = torch.is_grad_enabled()
         n_rows = x.numel() // max(self.spec.in_features, 1)
         dense: list[Term] = []
-        factored: list[Term] = []
+        rest: list[Term] = []
         for name in names:
             adapter = self._materialised(name)
             dtype = self.resolve_compute_dtype(x, adapter)
-            term = Term(adapter, dtype, *self._factors(adapter, x.device, dtype))
+            own = F.dropout(x, adapter.dropout, training=True) if self.training and adapter.dropout > 0 else None
             path = adapter.select_path(n_rows, x.device.type, grad=grad and adapter.requires_grad, fused=fuse)
-            (factored if path == "factored" else dense).append(term)
-        return dense, factored
+            term = Term(adapter, dtype, *self._factors(adapter, x.device, dtype), own, path == "factored")
+            (rest if term.factored or own is not None else dense).append(term)
+        return dense, rest
+
+    def _term_output(self, term: Term, x: torch.Tensor, conv: Any) -> torch.Tensor:
+        """One term's ``scale · mask ⊙ ΔW·x`` on its own input: factored, or its ``ΔW`` applied alone."""
+        xin = (x if term.x is None else term.x).to(term.dtype)
+        if term.factored:
+            out = term.adapter.factored_delta(xin, term.scale, conv)
+            if term.mask is not None:
+                out = out * _along(term.mask, out.dim(), self.spec.channel_dim(out.dim()))
+            return out
+        delta, coeff = _dense_delta([term._replace(x=None)])
+        delta = delta if coeff == 1 else delta * coeff
+        return apply_weight(self._modules["base_layer"], self.spec, xin, delta)
 
     def _dense_forward(
         self, x: torch.Tensor, terms: list[Term], fuse: bool, args: tuple, kwargs: dict

@@ -49,9 +49,10 @@ def adapter_file(model: LycoModel, adapter_name: str = "default") -> AdapterFile
         if adapter.is_meta:
             raise FormatError(f"adapter {adapter_name!r} on {lname!r} has weights on the meta device; load them first")
         tensors = {k: t.detach() for k, t in adapter.tensors().items()}
-        module = ModuleAdapter(method.algo, tensors, adapter.alpha, tuple(layer.spec.weight_shape))
-        if module.unranked:  # the model applies alpha / r; files scale such a module by 1
-            module = module.with_scale_folded(adapter.alpha / adapter.r, float(adapter.r))
+        alpha = adapter.base_scaling * adapter.r  # files scale by alpha / r (e.g. rank-stabilised LoRA: alpha·√r)
+        module = ModuleAdapter(method.algo, tensors, alpha, tuple(layer.spec.weight_shape))
+        if module.unranked:  # files scale such a module by 1
+            module = module.with_scale_folded(adapter.base_scaling, float(adapter.r))
         modules[lname] = module
     return AdapterFile(modules, convention="lyco")
 

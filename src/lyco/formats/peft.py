@@ -78,14 +78,20 @@ def config_from_json(data: dict[str, Any], source: str) -> AdapterConfig:
     """Build a lyco config from PEFT JSON. Unknown (newer PEFT) fields are reported, not used, and kept
     in ``config.unknown_fields`` so that saving the adapter writes them back."""
     config_cls = method_for_peft_type(data.get("peft_type"), source).config_cls
-    known = {f.name for f in dataclasses.fields(config_cls)}
+    for key, allowed in config_cls.peft_fixed.items():
+        if key in data and not any(data[key] == a and type(data[key]) is type(a) for a in allowed):
+            raise FormatError(
+                f"{source}: {key}={data[key]!r} is a PEFT feature lyco does not have (lyco reads {key} only as one "
+                f"of {list(allowed)})"
+            )
+    known = {f.name for f in dataclasses.fields(config_cls)} | set(config_cls.peft_fixed)
     unknown = sorted(k for k in data if k not in known and k not in PEFT_META_FIELDS)
     if unknown:
         warnings.warn(
             f"{source}: config fields lyco does not know (from a newer PEFT?) are kept but not used: {unknown}",
             stacklevel=4,
         )
-    kwargs = {k: v for k, v in data.items() if k in known}
+    kwargs = {k: v for k, v in data.items() if k in known and k not in config_cls.peft_fixed}
     try:
         config = config_cls(**kwargs)
     except (ConfigError, TypeError) as exc:
@@ -103,6 +109,23 @@ def adapter_dir(save_directory: str | os.PathLike, adapter_name: str) -> Path:
     if not adapter_name or any(c in adapter_name for c in "/\\\0") or adapter_name in (".", ".."):
         raise FormatError(f"adapter name {adapter_name!r} cannot name a sub-folder of {root}")
     return root / adapter_name
+
+
+def renamed(tensors: Mapping[str, torch.Tensor], method: type[MethodSchema], to_peft: bool) -> dict[str, torch.Tensor]:
+    """Tree keys ``<module>.<name>`` ↔ PEFT's key tails ``<module>.<peft name>`` (``lora_down`` ↔
+    ``lora_A.weight``) for the method's tensors; other keys unchanged. One function, both ways."""
+    pairs = [(p.name, p.peft_name) for p in method.tensor_params().values() if p.peft_name != p.name]
+    if not pairs:
+        return dict(tensors)
+    out = {}
+    for key, t in tensors.items():
+        for name, peft in pairs:
+            src, dst = (name, peft) if to_peft else (peft, name)
+            if key.endswith("." + src):
+                key = key[: -len(src)] + dst
+                break
+        out[key] = t
+    return out
 
 
 def _per_module(
@@ -131,7 +154,7 @@ def peft_tensors(
     layouts (the inverse of what :func:`read_peft_dir` returns)."""
     method = method_for_peft_type(config.peft_type, source)
     tensors = _per_module(tensors, method, lambda ts, _: method.peft_layout(ts))
-    return {peft_key(k): t for k, t in tensors.items()}
+    return {peft_key(k): t for k, t in renamed(tensors, method, to_peft=True).items()}
 
 
 # -- the reader and the writer ----------------------------------------------------------------------------
@@ -163,16 +186,18 @@ def read_peft_dir(
         check_not_torn(folder, data, config, weights)
     method = method_for_peft_type(config.peft_type, str(cfg_path))
     own = method.tensor_params()
-    tensors: dict[str, torch.Tensor] = {}
+    stripped: dict[str, torch.Tensor] = {}
     for key, t in read_tensors(weights, allow_pickle=allow_pickle).items():
-        stripped = peft_key(key, inverse=True)
-        if stripped is None:
+        tree_key = peft_key(key, inverse=True)
+        if tree_key is None:
             raise FormatError(f"{weights}: key {key!r} lacks PEFT's {PREFIX!r} prefix (not a PEFT adapter's weights)")
-        name = stripped.rpartition(".")[2]
-        if name in own:
-            own[name].check(t, f"{weights}: key {key!r}")
         warn_nonfinite(t, f"{weights}: key {key!r}")
-        tensors[stripped] = t
+        stripped[tree_key] = t
+    tensors = renamed(stripped, method, to_peft=False)
+    for (key, t), original in zip(tensors.items(), stripped, strict=True):
+        name = key.rpartition(".")[2]
+        if name in own:
+            own[name].check(t, f"{weights}: key {peft_key(original)!r}")
 
     def canonical(ts: dict, path: str) -> dict:
         kernel = table.kernel(path) if table is not None and path in table.shapes else None
@@ -264,9 +289,12 @@ def read_peft_adapter(
             raise FormatError(f"{source}: module {name!r} is not an adaptable layer of the given model")
         r = pattern_value(config.rank_pattern, name, config.r)
         alpha = float(pattern_value(config.alpha_pattern, name, config.alpha))
-        module = ModuleAdapter(method.algo, ts, alpha, table.shapes[name] if table is not None else None)
-        if module.unranked:  # PEFT applies alpha / r here too; AdapterFiles scale such a module by 1
-            module = module.with_scale_folded(alpha / r, float(r))
+        module = ModuleAdapter(method.algo, ts, None, table.shapes[name] if table is not None else None)
+        scale = method.config_scaling(config, r, alpha)  # what PEFT applies (alpha / r; rank-stabilised: alpha / √r)
+        if module.unranked:  # AdapterFiles scale such a module by 1
+            module = module.with_scale_folded(scale, float(r))
+        else:
+            module.alpha = scale * module.rank
         modules[name] = module
     af = AdapterFile(modules, convention="peft", config=config_to_json(config, None))
     af.check_shapes(source)

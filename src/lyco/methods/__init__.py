@@ -5,18 +5,18 @@
 - ``schema.py``: :class:`MethodSchema` / :class:`Param`, how a method's tensors look on disk;
 - ``adapter.py``: :class:`Adapter`, one adapter on one layer (cost-model hooks included);
 - ``registry.py``: :func:`register_method` and the lookups ``formats/`` and ``tools/`` use;
-- ``loha.py``, ``lokr.py``: the methods; ``lora.py``: plain LoRA files (file-only for now).
+- ``lora.py``, ``loha.py``, ``lokr.py``: the methods.
 """
 
 from .adapter import Adapter
 from .config import AdapterConfig
 from .loha import LoHaAdapter, LoHaConfig
 from .lokr import LoKrAdapter, LoKrConfig
-from .lora import LoRAFile
+from .lora import LoRAAdapter, LoRAConfig
 from .registry import METHODS, register_method
 from .schema import FitOptions, MethodSchema, Param, ShapePlan
 
 __all__ = [
     "METHODS", "Adapter", "AdapterConfig", "FitOptions", "LoHaAdapter", "LoHaConfig", "LoKrAdapter", "LoKrConfig",
-    "LoRAFile", "MethodSchema", "Param", "ShapePlan", "register_method",
+    "LoRAAdapter", "LoRAConfig", "MethodSchema", "Param", "ShapePlan", "register_method",
 ]  # fmt: skip

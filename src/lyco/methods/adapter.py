@@ -35,8 +35,8 @@ def as_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 class Adapter(nn.Module, MethodSchema, ABC):
     """One adapter's parameters on one layer. Parameter attribute names are the on-disk names.
 
-    Holds ``r``, ``alpha``, ``scaling = alpha / r``, ``rank_dropout``, ``rank_dropout_scale`` and
-    ``module_dropout``. ``delta_weight()`` is the *unscaled* ``ΔW`` in canonical layout
+    Holds ``r``, ``alpha``, ``scaling`` (``alpha / r``, see :meth:`config_scaling`), ``rank_dropout``,
+    ``rank_dropout_scale``, ``module_dropout`` and ``dropout`` (on the input). ``delta_weight()`` is the *unscaled* ``ΔW`` in canonical layout
     ``(out, in, *kernel)``; the wrapping layer applies ``scaling`` exactly once. ``plan``: the method's
     shape plan (given, e.g. inferred from a file, or made by ``create_parameters``;
     :class:`~lyco.methods.schema.ShapePlan` for methods without one).
@@ -75,9 +75,11 @@ class Adapter(nn.Module, MethodSchema, ABC):
         self.plan = plan
         self.r = r
         self.alpha = float(alpha)
-        self.scaling = self.default_scaling()
+        self.base_scaling = self.config_scaling(config, r, self.alpha)
+        self.scaling = self.base_scaling
         self.rank_dropout = float(config.rank_dropout)
         self.module_dropout = float(config.module_dropout)
+        self.dropout = float(config.dropout)
         self.rank_dropout_scale = bool(getattr(config, "rank_dropout_scale", self.rank_dropout_scale_default))
         device = torch.device(device) if device is not None else torch.device("cpu")
         self.create_parameters(config, device=device, dtype=dtype if device == META else torch.float32)
@@ -163,9 +165,16 @@ class Adapter(nn.Module, MethodSchema, ABC):
         """Whether this method can adapt a layer of this kind (default: all supported kinds)."""
         return True
 
+    @classmethod
+    def config_scaling(cls, config: AdapterConfig, r: int, alpha: float) -> float:
+        """The scale ``config`` gives an adapter of rank ``r`` and this alpha: ``alpha / r`` (methods with
+        other rules, e.g. rank-stabilised LoRA's ``alpha / √r``, override it)."""
+        return alpha / r
+
     # -- helpers -------------------------------------------------------------------------------
     def default_scaling(self) -> float:
-        return self.alpha / self.r
+        """The config's scale (``set_scale`` multiplies it; ``unscale_layer()`` returns to it)."""
+        return self.base_scaling
 
     def add_param(self, name: str, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype | None) -> None:
         setattr(self, name, nn.Parameter(torch.empty(shape, device=device, dtype=dtype)))

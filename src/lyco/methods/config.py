@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
 from ..errors import ConfigError
@@ -66,11 +66,21 @@ class AdapterConfig:
     ``target_modules``: list → a module matches when its name equals an entry or ends with
     ``"." + entry``; str → regex that must match the full module name; ``"all-linear"`` → every
     Linear/Conv1D except the output head. ``rank_pattern`` / ``alpha_pattern``: see
-    :func:`lyco.targeting.pattern_value` (first matching key wins, PEFT's rule).
+    :func:`lyco.targeting.pattern_value` (first matching key wins, PEFT's rule). ``dropout``: plain dropout
+    on the adapter's input in training (PEFT's ``lora_dropout``; LyCORIS's ``dropout``).
+
+    How a config meets PEFT's ``adapter_config.json``: ``peft_aliases`` maps a PEFT field name that differs
+    from lyco's to lyco's field (an alias field of the config, e.g. LoRA's ``lora_alpha`` → ``alpha``);
+    ``lyco_only`` fields PEFT does not have are written only when they differ from their default (so PEFT
+    reads lyco's folders without warnings); ``peft_fixed`` lists PEFT fields lyco reads only at the values
+    given (features lyco does not have: any other value is an error).
     """
 
     peft_type: ClassVar[str] = ""
     init_choices: ClassVar[tuple[object, ...]] = (True, False)
+    peft_aliases: ClassVar[dict[str, str]] = {}
+    lyco_only: ClassVar[frozenset[str]] = frozenset({"dropout"})
+    peft_fixed: ClassVar[dict[str, tuple[Any, ...]]] = {}
 
     r: int = 8
     alpha: float = 8
@@ -84,9 +94,11 @@ class AdapterConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     modules_to_save: list[str] | None = None
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         name = type(self).__name__
+        self._resolve_aliases()
         if not _is_int(self.r) or self.r <= 0:
             raise ConfigError(f"{name}.r must be a positive integer, got {self.r!r}")
         if not _is_number(self.alpha) or not _finite(self.alpha):
@@ -95,6 +107,8 @@ class AdapterConfig:
             p = getattr(self, fname)
             if not _is_number(p) or not 0.0 <= p <= 1.0:
                 raise ConfigError(f"{name}.{fname} must be a probability in [0, 1], got {p!r}")
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{name}.dropout must be a probability in [0, 1), got {self.dropout!r}")
         for f in fields(self):  # every bool field of every method's config
             if f.type in ("bool", bool) and not isinstance(getattr(self, f.name), bool):
                 raise ConfigError(f"{name}.{f.name} must be True or False, got {getattr(self, f.name)!r}")
@@ -124,11 +138,37 @@ class AdapterConfig:
             mts = _as_str_list(self.modules_to_save, f"{name}.modules_to_save")
             self.modules_to_save = [mts] if isinstance(mts, str) else mts
 
+    def _resolve_aliases(self) -> None:
+        """Copy each PEFT-named alias field given into lyco's field (both given and different: an error),
+        then the result back into the alias, so the two always agree."""
+        defaults = {f.name: _default(f) for f in fields(self)}
+        for alias, target in self.peft_aliases.items():
+            value = getattr(self, alias)
+            if value is not None and value != getattr(self, target):
+                if getattr(self, target) != defaults[target]:
+                    raise ConfigError(
+                        f"{type(self).__name__}: {alias}={value!r} and {target}={getattr(self, target)!r} name the "
+                        "same setting; give one of them"
+                    )
+                setattr(self, target, value)
+            setattr(self, alias, getattr(self, target))
+
     def to_dict(self) -> dict[str, Any]:
-        """Field values by PEFT name (plus ``peft_type``), JSON-ready."""
-        out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        """Field values by PEFT name (plus ``peft_type``), JSON-ready: aliases under PEFT's name, lyco-only
+        fields only when they differ from their default."""
+        peft_name = {target: alias for alias, target in self.peft_aliases.items()}
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in self.peft_aliases or (f.name in self.lyco_only and value == _default(f)):
+                continue
+            out[peft_name.get(f.name, f.name)] = value
         out["peft_type"] = self.peft_type
         return out
+
+
+def _default(f: Any) -> Any:
+    return f.default_factory() if f.default_factory is not MISSING else f.default
 
 
 def pattern_value(patterns: Mapping[str, T], name: str, default: T) -> T:

@@ -1,28 +1,165 @@
-"""Plain LoRA as it appears in kohya / LyCORIS files (``lora_down.weight``, ``lora_up.weight``): read for
-``inspect``, ``merge``, ``convert`` and ``resize``, written by ``to-lora`` and ``extract --algo lora``.
+"""LoRA / LoCon (PEFT ``LoraConfig``, LyCORIS ``lora``/``locon``, kohya ``networks.lora``): config, adapter and
+its tensors on disk.
 
-``ΔW = lora_up (out, r, 1…) @ lora_down (r, in, *k) · alpha / r``. A file-only method for now: lyco
-models cannot hold LoRA adapters yet, so loading such a file into a model is a :class:`~lyco.FormatError`.
+``ΔW = lora_up @ lora_down · alpha / r`` (rank-stabilised, ``use_rslora``: ``alpha / √r``). Linear and
+transformers ``Conv1D`` layers: ``lora_down (r, in)``, ``lora_up (out, r)``. Conv layers: ``lora_down (r, in,
+*k)``, ``lora_up (out, r, 1…)``; with a Tucker core (``use_effective_conv2d``, LyCORIS's ``use_tucker``)
+``lora_down (r, in, 1…)``, ``lora_mid (r, r, *k)``, ``ΔW = cp(mid, upᵀ, down)``. Parameters: ``r·(out +
+in·∏k)``, Tucker ``r·(out + in) + r²·∏k``. Files: LyCORIS/kohya ``lora_down.weight`` / ``lora_up.weight`` /
+``lora_mid.weight``; PEFT folders ``lora_A.weight`` / ``lora_B.weight`` (PEFT has no Tucker core). DyLoRA
+files (``lora_up`` / ``lora_down``) read as LoRA.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+from torch import nn
 
-from ..ops.lowrank import lora_delta, lora_factors, svd_factors
+from ..errors import ConfigError
+from ..ops.factorize import LoRAPlan, infer_lora_plan, plan_lora
+from ..ops.lowrank import lora_apply, lora_delta, lora_factors, svd_factors
+from ..ops.paths import element_cost, op_overhead
+from .adapter import Adapter
+from .config import AdapterConfig
 from .registry import register_method
-from .schema import FitOptions, MethodSchema, Param, Shape
+from .schema import FitOptions, Param, Shape, check_dense
+
+# PEFT LoraConfig fields for features lyco does not have, readable only at their neutral values.
+_PEFT_FIXED = {
+    "bias": ("none",), "lora_bias": (False,), "use_dora": (False,), "use_qalora": (False,), "use_bdlora": (None, False),
+    "layer_replication": (None,), "target_parameters": (None, []), "trainable_token_indices": (None,),
+    "loftq_config": ({}, None), "eva_config": (None,), "corda_config": (None,), "lora_ga_config": (None,),
+    "megatron_config": (None,), "alora_invocation_tokens": (None,), "arrow_config": (None,), "kasa_config": (None,),
+    "monteclora_config": (None,), "velora_config": (None,), "runtime_config": (None, {}),
+    "ensure_weight_tying": (False,),
+}  # fmt: skip
+
+
+@dataclass
+class LoRAConfig(AdapterConfig):
+    """LoRA / LoCon config. PEFT's names are accepted as aliases (``lora_alpha`` = ``alpha``, ``lora_dropout``
+    = ``dropout``, ``init_lora_weights`` = ``init_weights``) and written to PEFT folders, so a PEFT
+    ``adapter_config.json`` of a LoRA loads as it is.
+
+    ``use_rslora``: scale ``alpha / √r``. ``use_effective_conv2d``: Tucker core ``lora_mid`` for conv kernels
+    larger than 1. ``fan_in_fan_out``: accepted for PEFT configs; lyco reads each layer's layout itself
+    (transformers ``Conv1D``). ``init_weights=True`` zeroes ``lora_up`` (zero delta); ``False`` random.
+
+    >>> LoRAConfig(r=4, lora_alpha=8).alpha
+    8
+    """
+
+    peft_type = "LORA"
+    peft_aliases: ClassVar[dict[str, str]] = {"lora_alpha": "alpha", "lora_dropout": "dropout",
+                                              "init_lora_weights": "init_weights"}  # fmt: skip
+    lyco_only: ClassVar[frozenset[str]] = frozenset(
+        {"rank_dropout", "module_dropout", "rank_dropout_scale", "use_effective_conv2d"}
+    )
+    peft_fixed: ClassVar[dict[str, tuple]] = _PEFT_FIXED
+
+    lora_alpha: float | None = None
+    lora_dropout: float | None = None
+    init_lora_weights: bool | None = None
+    use_rslora: bool = False
+    use_effective_conv2d: bool = False
+    fan_in_fan_out: bool = False
+    rank_dropout_scale: bool = False
+    use_dora: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.use_dora:
+            raise ConfigError("LoRAConfig.use_dora: DoRA (weight decomposition) is not supported by lyco yet")
 
 
 @register_method
-class LoRAFile(MethodSchema):
-    """kohya's ``networks.lora`` module tensors (LyCORIS ``locon`` without a Tucker core)."""
+class LoRAAdapter(Adapter):
+    """One LoRA / LoCon adapter; which tensors exist is decided by :class:`lyco.ops.factorize.LoRAPlan`."""
 
+    config_cls = LoRAConfig
     algo = "lora"
-    title = "plain LoRA"
-    params = (Param("lora_down", min_ndim=2, key="lora_down.weight"), Param("lora_up", min_ndim=2, key="lora_up.weight"))
+    title = "LoRA"
+    params = (
+        Param("lora_down", min_ndim=2, key="lora_down.weight", peft_key="lora_A.weight"),
+        Param("lora_up", min_ndim=2, key="lora_up.weight", peft_key="lora_B.weight"),
+        Param("lora_mid", min_ndim=3, key="lora_mid.weight", peft_key="lora_mid.weight"),
+    )
+    param_names = tuple(p.name for p in params)
+    required = (("lora_down",), ("lora_up",))
+    pairs = (("lora_mid", "lora_down"),)
+    rank_dropout_scale_default = False
+    factored_conv = True
+    FACTORED_EXTRA_OPS = 1  # two thin products instead of one build + one apply
+
+    # -- module --------------------------------------------------------------------------------
+    def create_parameters(self, config: LoRAConfig, *, device, dtype) -> None:
+        s = self.spec
+        if self.plan is None:
+            self.plan = plan_lora(s.out_features, s.in_features, s.kernel, self.r, config.use_effective_conv2d)
+        for name, shape in self.plan.param_shapes().items():
+            self.add_param(name, shape, device, dtype)
+
+    def reset_parameters(self, init_weights: bool | str) -> None:
+        for name in self.plan.param_shapes():
+            nn.init.kaiming_uniform_(getattr(self, name), a=math.sqrt(5))
+        if init_weights:
+            nn.init.zeros_(self.lora_up)
+
+    @classmethod
+    def config_scaling(cls, config: LoRAConfig, r: int, alpha: float) -> float:
+        """``alpha / r``, or ``alpha / √r`` with ``use_rslora`` (rank-stabilised LoRA)."""
+        return alpha / (math.sqrt(r) if getattr(config, "use_rslora", False) else r)
+
+    def build_cost(self, device_type: str = "cpu") -> float:
+        """The rank-``r`` product (Tucker: two contractions) and the ``ΔW``-sized tensor it writes."""
+        p = self.plan
+        size = math.prod(p.weight_shape)
+        return size * (p.r + (p.r if p.use_tucker else 0) + element_cost(device_type))
+
+    def factored_cost(self, n_rows: int, device_type: str = "cpu") -> float:
+        """Per row (conv: per input position, strides ignored) ``r·(in·∏k + out)`` (Tucker: ``r·(in + r·∏k +
+        out)``), plus the extra kernel calls."""
+        p = self.plan
+        ksize = math.prod(p.kernel)
+        per_row = p.r * (p.in_features + p.r * ksize + p.out_features) if p.use_tucker else p.r * (
+            p.in_features * ksize + p.out_features
+        )
+        return n_rows * per_row + self.FACTORED_EXTRA_OPS * op_overhead(device_type)
+
+    def factored_delta(
+        self, x: torch.Tensor, scale: float | torch.Tensor = 1.0, conv: Callable[..., torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        t = self.tensors(x.dtype)
+        up = t["lora_up"] * scale  # the scale folded into one factor
+        if self.spec.kind != "conv":
+            return lora_apply(x, t["lora_down"], up)
+        return lora_apply(x, t["lora_down"], up, t.get("lora_mid"), conv)
+
+    # -- tensors on disk ---------------------------------------------------------------------------
+    @classmethod
+    def canonical(cls, tensors, kernel=None):
+        """Layer-dependent layouts other tools write: a linear layer's ``(r, in, 1, 1)`` / ``(out, r, 1, 1)``
+        flattened; a conv layer's 2-D ``lora_up (out, r)`` (and a 1×1 conv's 2-D ``lora_down``) given the
+        kernel's unit dims."""
+        out = super().canonical(tensors, kernel)
+        if kernel is None:
+            return out
+        if not kernel:  # linear
+            for name in ("lora_down", "lora_up"):
+                if name in out and out[name].dim() > 2 and math.prod(out[name].shape[2:]) == 1:
+                    out[name] = out[name].flatten(1)
+            return out
+        unit = (1,) * len(kernel)
+        if "lora_up" in out and out["lora_up"].dim() == 2:
+            out["lora_up"] = out["lora_up"].reshape(*out["lora_up"].shape, *unit)
+        if "lora_down" in out and out["lora_down"].dim() == 2 and ("lora_mid" in out or math.prod(kernel) == 1):
+            out["lora_down"] = out["lora_down"].reshape(*out["lora_down"].shape, *unit)
+        return out
 
     @classmethod
     def rank(cls, shapes: Mapping[str, Shape]) -> int:
@@ -30,26 +167,52 @@ class LoRAFile(MethodSchema):
 
     @classmethod
     def guess_weight_shape(cls, shapes: Mapping[str, Shape]) -> Shape:
-        """``(out, in, *k)``: ``lora_down`` keeps a conv kernel in its trailing dims."""
+        """``(out, in, *k)``: the kernel lives in ``lora_down`` (or in the Tucker core)."""
+        if "lora_mid" in shapes:
+            return (shapes["lora_up"][0], shapes["lora_down"][1], *shapes["lora_mid"][2:])
         return (shapes["lora_up"][0], *shapes["lora_down"][1:])
 
     @classmethod
-    def compose(cls, tensors: Mapping[str, torch.Tensor], plan: object) -> torch.Tensor:
-        return lora_delta(tensors["lora_up"], tensors["lora_down"])
+    def infer_plan(cls, shapes: Mapping[str, Shape], weight_shape: Shape, r: int | None = None) -> LoRAPlan:
+        return infer_lora_plan(shapes, weight_shape)
+
+    @classmethod
+    def compose(cls, tensors: Mapping[str, torch.Tensor], plan: LoRAPlan | None) -> torch.Tensor:
+        return lora_delta(tensors["lora_up"], tensors["lora_down"], tensors.get("lora_mid"))
 
     @classmethod
     def matvec(cls, tensors, plan, v):
+        if "lora_mid" in tensors:
+            return super().matvec(tensors, plan, v)
         return tensors["lora_up"].flatten(1) @ (tensors["lora_down"].flatten(1) @ v)
 
     @classmethod
+    def fit_config(cls, plans, base_r):
+        """``use_effective_conv2d`` when any module has a Tucker core; modules planned otherwise."""
+        use_tucker = any(p.use_tucker for p in plans.values())
+        problems = []
+        for name, p in plans.items():
+            planned = plan_lora(p.out_features, p.in_features, p.kernel, p.r, use_tucker)
+            if planned != p:
+                problems.append(f"{name}: the config would plan {planned.param_shapes()}, the tensors are {p.param_shapes()}")
+        return plans, {"use_effective_conv2d": use_tucker}, problems
+
+    @classmethod
+    def network_args(cls, modules):
+        return {"use_tucker": "True"} if any("lora_mid" in shapes for shapes, _ in modules) else {}
+
+    @classmethod
     def extract(cls, delta: torch.Tensor, opts: FitOptions) -> dict[str, torch.Tensor]:
-        """The rank-``r`` truncated SVD of ``delta`` (the best rank-``r`` approximation)."""
+        """The rank-``r`` truncated SVD of ``delta`` (the best rank-``r`` approximation; LoCon for convs)."""
         return lora_factors(delta, opts.rank)
 
     @classmethod
-    def resize(cls, tensors, plan, opts: FitOptions) -> dict[str, torch.Tensor]:
+    def resize(cls, tensors, plan: LoRAPlan, opts: FitOptions) -> dict[str, torch.Tensor]:
         """The truncated SVD of ``lora_up @ lora_down`` without building it: QR of both factors, then the SVD
-        of the small ``(r, r)`` core; kernel layouts kept."""
+        of the small ``(r, r)`` core; kernel layouts kept. A Tucker module comes out plain (from its ΔW)."""
+        if plan.use_tucker:
+            check_dense(plan.weight_shape, tensors, "LoRA resize")
+            return lora_factors(cls.compose(tensors, plan).reshape(plan.weight_shape), opts.rank)
         down, up = tensors["lora_down"], tensors["lora_up"]
         q_up, r_up = torch.linalg.qr(up.flatten(1))
         q_down, r_down = torch.linalg.qr(down.flatten(1).T)
@@ -59,4 +222,3 @@ class LoRAFile(MethodSchema):
             "lora_down": b.reshape(b.shape[0], *down.shape[1:]),
             "lora_up": a.reshape(a.shape[0], a.shape[1], *[1] * (down.dim() - 2)),
         }
-

@@ -48,7 +48,8 @@ class Param:
     """One tensor a method owns.
 
     ``name``: the Adapter's parameter name, which is also the key suffix in PEFT folders and LyCORIS files
-    unless ``key`` names another LyCORIS/kohya suffix (``lora_down.weight``). ``ndim``: exact number of
+    unless ``key`` names another LyCORIS/kohya suffix (``lora_down.weight``) or ``peft_key`` another PEFT one
+    (``lora_A.weight``). ``ndim``: exact number of
     dims, or ``None`` for at least ``min_ndim`` (conv kernels add dims). ``core``: a conv CP core
     ``(r, r, *k)`` (PEFT stores 1-D ones as ``(r, r, k, 1)``). ``identifies``: the key alone tells a file
     module's method (shared extras would set it False).
@@ -60,10 +61,15 @@ class Param:
     core: bool = False
     key: str | None = None
     identifies: bool = True
+    peft_key: str | None = None
 
     @property
     def file_key(self) -> str:
         return self.key or self.name
+
+    @property
+    def peft_name(self) -> str:
+        return self.peft_key or self.name
 
     def check(self, t: torch.Tensor, where: str) -> None:
         """:class:`FormatError` for a non-float tensor, :class:`ShapeMismatchError` for wrong or empty dims."""

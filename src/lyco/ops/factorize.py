@@ -240,3 +240,55 @@ def infer_loha_plan(shapes: Mapping[str, Shape], weight_shape: Shape) -> LoHaPla
     if s != plan.param_shapes():
         raise _mismatch("LoHa", s, weight_shape)
     return plan
+
+
+@dataclass(frozen=True)
+class LoRAPlan:
+    """Every shape decision of one LoRA / LoCon adapter.
+
+    Linear: ``lora_down (r, in)``, ``lora_up (out, r)``, ``ΔW = up @ down``. Conv: ``lora_down (r, in, *k)``,
+    ``lora_up (out, r, 1…)``; with a Tucker core (``use_tucker``, kernels with more than one element)
+    ``lora_down (r, in, 1…)``, ``lora_mid (r, r, *k)``, ``ΔW = cp(mid, upᵀ, down)``.
+    """
+
+    out_features: int
+    in_features: int
+    kernel: Shape
+    r: int
+    use_tucker: bool
+
+    ranked = True
+
+    @property
+    def weight_shape(self) -> Shape:
+        return (self.out_features, self.in_features, *self.kernel)
+
+    def param_shapes(self) -> dict[str, Shape]:
+        o, i, r, k = self.out_features, self.in_features, self.r, self.kernel
+        ones = (1,) * len(k)
+        if self.use_tucker:
+            return {"lora_down": (r, i, *ones), "lora_mid": (r, r, *k), "lora_up": (o, r, *ones)}
+        return {"lora_down": (r, i, *k), "lora_up": (o, r, *ones)}
+
+
+def plan_lora(
+    out_features: int, in_features: int, kernel: Shape = (), r: int = 8, use_effective_conv2d: bool = False
+) -> LoRAPlan:
+    """Plan a LoRA adapter; the Tucker core is used only for kernels with more than one element."""
+    if r <= 0:
+        raise ConfigError(f"LoRA rank r must be a positive integer, got {r}")
+    use_tucker = bool(use_effective_conv2d and kernel and math.prod(kernel) > 1)
+    return LoRAPlan(out_features, in_features, tuple(kernel), r, use_tucker)
+
+
+def infer_lora_plan(shapes: Mapping[str, Shape], weight_shape: Shape) -> LoRAPlan:
+    """Rebuild a :class:`LoRAPlan` from tensor shapes (canonical layout); :class:`ShapeMismatchError` if
+    they do not fit ``weight_shape``."""
+    out_f, in_f, *kernel = weight_shape
+    s = {k: tuple(v) for k, v in shapes.items()}
+    if "lora_down" not in s:
+        raise ShapeMismatchError(f"LoRA tensors incomplete: missing 'lora_down' among {sorted(s)}")
+    plan = LoRAPlan(out_f, in_f, tuple(kernel), s["lora_down"][0], "lora_mid" in s)
+    if s != plan.param_shapes():
+        raise _mismatch("LoRA", s, weight_shape)
+    return plan

@@ -20,7 +20,7 @@ import dataclasses
 
 from ..formats.adapterfile import AdapterFile, ModuleAdapter
 from ..formats.metadata import ARGS, without_ranks
-from ..methods.lora import LoRAFile
+from ..methods.lora import LoRAAdapter
 from ..methods.schema import FitOptions
 from ..ops.hadamard import LOHA_STEPS
 from ..ops.lowrank import relative_error
@@ -50,8 +50,8 @@ def to_lora_module(m: ModuleAdapter, rank: int) -> ModuleAdapter:
     """Plain LoRA (kohya layout, alpha = r) with the best rank-``rank`` approximation of ``m``'s scaled ``ΔW``."""
     shape = m.guess_weight_shape()
     dtype = next(iter(m.tensors.values())).dtype
-    tensors = LoRAFile.extract(m.delta_weight(shape).double(), FitOptions(rank))
-    lora = ModuleAdapter(LoRAFile.algo, {k: v.to(dtype).contiguous() for k, v in tensors.items()}, weight_shape=shape)
+    tensors = LoRAAdapter.extract(m.delta_weight(shape).double(), FitOptions(rank))
+    lora = ModuleAdapter(LoRAAdapter.algo, {k: v.to(dtype).contiguous() for k, v in tensors.items()}, weight_shape=shape)
     lora.alpha = float(lora.rank)
     return lora
 
