@@ -8,9 +8,9 @@ What it measures (CPU, fp32, one process, everything in the same run):
   adapted, and two stacks of ``[Conv2d(c, c, 3, padding=1), SiLU]`` (UNet-like: 320 channels at 32×32 and
   64 channels at 64×64, batch 2; lycoris-lora gets ``conv_dim = conv_alpha = r``). Every adapted model
   is a deep copy of one seeded base model; r = alpha = 8.
-* Implementations, per method (LoHa, LoKr): the frozen base model; ``lyco.get_model``;
-  ``peft.get_peft_model`` with ``peft.LoHaConfig`` / ``peft.LoKrConfig``; lycoris-lora's
-  ``create_lycoris(algo="loha"|"lokr", linear_dim=r, linear_alpha=r, factor=-1)`` + ``apply_to()``,
+* Implementations, per method (LoRA, LoHa, LoKr): the frozen base model; ``lyco.get_model``;
+  ``peft.get_peft_model`` with ``peft.LoraConfig`` / ``peft.LoHaConfig`` / ``peft.LoKrConfig``; lycoris-lora's
+  ``create_lycoris(algo="lora"|"loha"|"lokr", linear_dim=r, linear_alpha=r, factor=-1)`` + ``apply_to()``,
   targets given as a ``target_name`` regex preset matching exactly the modules lyco and PEFT adapt.
   lycoris-lora runs in its default mode for ``nn.Linear`` (``bypass_mode=False``: it rebuilds the dense
   ΔW in every forward and computes ``W x + ΔW x``); ``--lycoris-bypass`` adds its bypass mode as an
@@ -76,7 +76,8 @@ from torch import nn
 
 import lyco
 
-METHODS = ("loha", "lokr")
+METHODS = ("lora", "loha", "lokr")
+LABELS = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
 IMPLS = ("lyco", "peft", "lycoris")
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MLP_TARGETS = ["up", "down"]
@@ -217,7 +218,7 @@ class Impl:
 
 
 def make_lyco(base: nn.Module, method: str, targets: list[str], r: int) -> Impl:
-    cls = lyco.LoHaConfig if method == "loha" else lyco.LoKrConfig
+    cls = {"lora": lyco.LoRAConfig, "loha": lyco.LoHaConfig, "lokr": lyco.LoKrConfig}[method]
     model = lyco.get_model(copy.deepcopy(base), cls(r=r, alpha=r, target_modules=targets, init_weights=False))
     return Impl(
         f"lyco-{method}", "lyco", method, model, note=f"LYCO_PATH={os.environ.get('LYCO_PATH', 'auto')}"
@@ -227,12 +228,14 @@ def make_lyco(base: nn.Module, method: str, targets: list[str], r: int) -> Impl:
 def make_peft(base: nn.Module, method: str, targets: list[str], r: int) -> Impl:
     import peft
 
-    cls = peft.LoHaConfig if method == "loha" else peft.LoKrConfig
+    if method == "lora":
+        config = peft.LoraConfig(r=r, lora_alpha=r, target_modules=targets, init_lora_weights=False)
+    else:
+        cls = peft.LoHaConfig if method == "loha" else peft.LoKrConfig
+        config = cls(r=r, alpha=r, target_modules=targets, init_weights=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = peft.get_peft_model(
-            copy.deepcopy(base), cls(r=r, alpha=r, target_modules=targets, init_weights=False)
-        )
+        model = peft.get_peft_model(copy.deepcopy(base), config)
     return Impl(f"peft-{method}", "peft", method, model)
 
 
@@ -498,7 +501,7 @@ def render_case(res: dict[str, Any], args: argparse.Namespace) -> str:
         med = entry["median_s"]
         f = med["frozen"]
         for method in args.methods:
-            row = [mode, "LoHa" if method == "loha" else "LoKr", fmt_ms(f)]
+            row = [mode, LABELS[method], fmt_ms(f)]
             row += [fmt_ratio(med[f"{i}-{method}"] / f) for i in impls]
             row.append(fmt_ratio(med[f"peft-{method}"] / med[f"lyco-{method}"]))
             if has_mem:
@@ -572,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer, smaller cases; under a minute")
     ap.add_argument("--cases", default="", help="comma-separated substrings of case names to keep")
-    ap.add_argument("--methods", default="loha,lokr", help="comma-separated subset of: loha,lokr")
+    ap.add_argument("--methods", default="lora,loha,lokr", help="comma-separated subset of: lora,loha,lokr")
     ap.add_argument("--modes", default="train,infer", help="comma-separated subset of: train,infer")
     ap.add_argument("--r", type=int, default=8, help="rank (alpha = r)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
@@ -600,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not set(args.methods) <= set(METHODS) or not set(args.modes) <= {"train", "infer"} or not args.methods:
-        ap.error("--methods must be from loha,lokr and --modes from train,infer")
+        ap.error("--methods must be from lora,loha,lokr and --modes from train,infer")
     args.warmup = args.warmup if args.warmup is not None else 1
     args.min_repeats = args.min_repeats if args.min_repeats is not None else (3 if args.quick else 5)
     args.max_repeats = args.max_repeats if args.max_repeats is not None else (20 if args.quick else 50)

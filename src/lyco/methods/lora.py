@@ -22,7 +22,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..ops.factorize import LoRAPlan, infer_lora_plan, plan_lora
-from ..ops.lowrank import lora_apply, lora_delta, lora_factors, svd_factors
+from ..ops.lora_math import lora_apply, lora_delta, lora_linear
+from ..ops.lowrank import lora_factors, svd_factors
 from ..ops.paths import element_cost, op_overhead
 from .adapter import Adapter
 from .config import AdapterConfig
@@ -131,14 +132,18 @@ class LoRAAdapter(Adapter):
         )
         return n_rows * per_row + self.FACTORED_EXTRA_OPS * op_overhead(device_type)
 
+    def fused_linear(self, x, weight, bias, scale):
+        """The base linear and the LoRA term in one step (:func:`lyco.ops.lora_math.lora_linear`)."""
+        t = self.tensors(x.dtype)
+        return lora_linear(x, t["lora_down"], t["lora_up"], scale, weight, bias)
+
     def factored_delta(
         self, x: torch.Tensor, scale: float | torch.Tensor = 1.0, conv: Callable[..., torch.Tensor] | None = None
     ) -> torch.Tensor:
         t = self.tensors(x.dtype)
-        up = t["lora_up"] * scale  # the scale folded into one factor
         if self.spec.kind != "conv":
-            return lora_apply(x, t["lora_down"], up)
-        return lora_apply(x, t["lora_down"], up, t.get("lora_mid"), conv)
+            return lora_linear(x, t["lora_down"], t["lora_up"], scale)
+        return lora_apply(x, t["lora_down"], t["lora_up"] * scale, t.get("lora_mid"), conv)
 
     # -- tensors on disk ---------------------------------------------------------------------------
     @classmethod

@@ -8,14 +8,11 @@ unless the input was float64.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import ShapeMismatchError
 from .factorize import LoKrPlan
-from .tucker import cp_rebuild
 
 
 def _out_dtype(t: torch.Tensor) -> torch.dtype:
@@ -170,14 +167,6 @@ def lokr_factors(weight: torch.Tensor, plan: LoKrPlan) -> dict[str, torch.Tensor
     return out
 
 
-def lora_delta(lora_up: torch.Tensor, lora_down: torch.Tensor, lora_mid: torch.Tensor | None = None) -> torch.Tensor:
-    """Unscaled LoRA ``ΔW``: ``lora_up (out, r, 1…) @ lora_down (r, in, *k)`` → ``(out, in·∏k)``; with a Tucker
-    core ``lora_mid (r, r, *k)`` (``lora_down (r, in, 1…)``) ``cp(mid, upᵀ, down)`` → ``(out, in, *k)``."""
-    if lora_mid is not None:
-        return cp_rebuild(lora_mid, lora_up.flatten(1).T, lora_down.flatten(1))
-    return lora_up.flatten(1) @ lora_down.flatten(1)
-
-
 def lora_factors(weight: torch.Tensor, rank: int) -> dict[str, torch.Tensor]:
     """kohya LoRA tensors ``lora_down (k, in, *kernel)``, ``lora_up (out, k, 1…)`` whose product is the best
     rank-``k`` approximation of ``weight (out, in, *kernel)``, ``k = min(rank, out, in·∏kernel)``."""
@@ -186,20 +175,3 @@ def lora_factors(weight: torch.Tensor, rank: int) -> dict[str, torch.Tensor]:
     k = up.shape[1]
     return {"lora_down": down.reshape(k, in_f, *kernel), "lora_up": up.reshape(out_f, k, *[1] * len(kernel))}
 
-
-def lora_apply(
-    x: torch.Tensor,
-    lora_down: torch.Tensor,
-    lora_up: torch.Tensor,
-    lora_mid: torch.Tensor | None = None,
-    conv: Callable[..., torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """``ΔW x`` without building ``ΔW``. Linear: ``x (..., in) → (..., out)`` as two thin products. Conv
-    (``conv(input, weight)``: the base layer's convolution with its stride, padding and dilation): ``x (N,
-    in, *spatial)``; ``lora_down`` runs as that convolution (or, with a Tucker core, as a 1×1 convolution
-    followed by ``lora_mid`` as that convolution) and ``lora_up`` as a 1×1 convolution."""
-    if conv is None:
-        return F.linear(F.linear(x, lora_down), lora_up)
-    pointwise = (F.conv1d, F.conv2d, F.conv3d)[lora_down.dim() - 3]
-    h = conv(pointwise(x, lora_down), lora_mid) if lora_mid is not None else conv(x, lora_down)
-    return pointwise(h, lora_up)
