@@ -164,3 +164,18 @@ def test_input_dropout_in_training_is_peft_lora_dropout(tmp_path):
     grad_peft = pm.base_model.model[0].lora_A["default"].weight.grad
     grad_lyco = model.model[0].lyco_adapters["default"].lora_down.grad
     torch.testing.assert_close(grad_lyco, grad_peft, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("init", ["gaussian", "pissa", "eva"])
+def test_folders_of_any_peft_init_load(tmp_path, init):
+    """The init only matters for a fresh adapter: a folder's weights are read, whatever it was initialised with."""
+    base = base_model()
+    pm = peft_lora(base, {"r": 2, "lora_alpha": 2, "target_modules": ["fc"]})
+    expected = run(pm)
+    pm.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**data, "init_lora_weights": init}))
+    torch.testing.assert_close(run(lyco.LycoModel.from_pretrained(copy.deepcopy(base), tmp_path)), expected, atol=ATOL, rtol=0)
+    if init != "gaussian":
+        with pytest.raises(lyco.ConfigError, match="data-driven"):
+            lyco.get_model(copy.deepcopy(base), lyco.LoRAConfig(r=2, target_modules=["fc"], init_lora_weights=init))

@@ -360,7 +360,7 @@ def _write(af: AdapterFile, args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The ``lyco`` parser with every subcommand registered."""
     parser = argparse.ArgumentParser(
-        prog="lyco", description="LyCORIS-family adapters (LoHa, LoKr) for PyTorch."
+        prog="lyco", description="LyCORIS-family adapters (LoRA/LoCon, LoHa, LoKr) for PyTorch."
     )
     parser.add_argument("--version", action="version", version=f"lyco {__version__}")
     parser.add_argument("--debug", action="store_true", help="on an error, show the Python traceback")

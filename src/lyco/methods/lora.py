@@ -56,6 +56,9 @@ class LoRAConfig(AdapterConfig):
     """
 
     peft_type = "LORA"
+    # PEFT's data-driven initialisations are accepted so that folders trained with them load (the weights are
+    # read, not initialised); creating a fresh adapter with one is an error naming it.
+    init_choices = (True, False, "gaussian", "pissa", "olora", "loftq", "eva", "corda", "orthogonal", "lora_ga")
     peft_aliases: ClassVar[dict[str, str]] = {"lora_alpha": "alpha", "lora_dropout": "dropout",
                                               "init_lora_weights": "init_weights"}  # fmt: skip
     lyco_only: ClassVar[frozenset[str]] = frozenset(
@@ -106,8 +109,17 @@ class LoRAAdapter(Adapter):
             self.add_param(name, shape, device, dtype)
 
     def reset_parameters(self, init_weights: bool | str) -> None:
+        """``True``: ``lora_down`` Kaiming-uniform, ``lora_up`` zero (PEFT's default); ``"gaussian"``: ``lora_down``
+        ~ N(0, 1/r), ``lora_up`` zero; ``False``: all random. PEFT's data-driven inits are refused here."""
+        if isinstance(init_weights, str) and init_weights != "gaussian":
+            raise ConfigError(
+                f"LoRAConfig.init_weights={init_weights!r} is a data-driven PEFT initialisation lyco does not "
+                "implement: use True, False or 'gaussian' (folders trained with it load all the same)"
+            )
         for name in self.plan.param_shapes():
             nn.init.kaiming_uniform_(getattr(self, name), a=math.sqrt(5))
+        if init_weights == "gaussian":
+            nn.init.normal_(self.lora_down, std=1 / self.r)
         if init_weights:
             nn.init.zeros_(self.lora_up)
 
