@@ -27,7 +27,7 @@ HALF_TOL = {torch.float16: 1e-2, torch.bfloat16: 5e-2}  # half forward vs fp32 r
 HADA = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}
 LOKR_W2_LOW = {"lokr_w2_a", "lokr_w2_b"}
 ALL_KINDS = tuple(LAYER_KINDS)
-METHODS = {"lora": lyco.LoRAConfig, "loha": lyco.LoHaConfig, "lokr": lyco.LoKrConfig}
+METHODS = {"lora": lyco.LoRAConfig, "loha": lyco.LoHaConfig, "lokr": lyco.LoKrConfig, "full": lyco.FullConfig}
 LORA = {"lora_down", "lora_up"}
 
 
@@ -50,6 +50,7 @@ class Option:
 
 
 OPTIONS = [
+    Option("full", "diff", {"r": 1, "alpha": 1}, lambda sp: {"diff", "diff_b"}),  # every test layer has a bias
     Option("lora", "plain", {"r": 2, "alpha": 6}, lambda sp: LORA),
     Option("lora", "tucker", {"r": 2, "alpha": 6, "use_effective_conv2d": True},
            lambda sp: LORA | ({"lora_mid"} if sp else set()), CONV_KINDS),
@@ -84,6 +85,8 @@ def naive_delta(opt: Option, base: nn.Module, adapter: nn.Module) -> torch.Tenso
     p = dict(adapter.named_parameters())
     shape = canonical(base, base.weight).shape
     scale = opt.kwargs["alpha"] / opt.kwargs["r"]
+    if opt.method == "full":
+        return canonical(base, p["diff"] * scale)
     if opt.method == "lora":
         up, down = p["lora_up"].flatten(1), p["lora_down"].flatten(1)
         if "lora_mid" in p:  # ΔW[p, q, k] = Σ_ij mid[i, j, k] · up[p, i] · down[j, q]
@@ -109,6 +112,15 @@ def naive_delta(opt: Option, base: nn.Module, adapter: nn.Module) -> torch.Tenso
             w2 = (p["lokr_w2_a"] @ p["lokr_w2_b"]).reshape(out_r, in_r, *shape[2:])
         delta = torch.kron(w1.reshape(*w1.shape, *[1] * (w2.dim() - 2)), w2.contiguous())
     return canonical(base, delta * scale)
+
+
+def bias_term(layer: lyco.AdaptedLayer, out: torch.Tensor) -> torch.Tensor | float:
+    """The adapter's bias delta broadcast along the output channels (0 for methods that change weights only)."""
+    db = layer.get_delta_bias("default")
+    if db is None:
+        return 0.0
+    channel = layer.spec.channel_dim(out.dim())
+    return db.detach().float().view(-1, *[1] * (out.dim() - channel - 1))
 
 
 def spatial(base: nn.Module) -> bool:
@@ -140,7 +152,7 @@ def test_forward_equals_base_plus_delta(opt, kind):
     assert torch.count_nonzero(delta) == delta.numel(), "random adapter must move every weight"
     base_out = base(x)
     out = model(x)
-    torch.testing.assert_close(out, base_out + reference_apply(base, x, delta), atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(out, base_out + reference_apply(base, x, delta) + bias_term(layer, out), atol=ATOL, rtol=RTOL)
     assert (out - base_out).abs().max() > MOVED, "the adapter must move the output far beyond the tolerance"
 
 
@@ -164,15 +176,19 @@ def test_merge_unmerge_round_trip(opt, kind):
     weight0 = layer.base_layer.weight.detach().clone()
     unmerged = model(x)
     delta = layer.get_delta_weight("default").detach()
+    bias0 = layer.base_layer.bias.detach().clone()
+    db = layer.get_delta_bias("default")
     model.merge_adapter()
     assert layer.merged and layer.merged_adapters == ["default"]
     torch.testing.assert_close(layer.base_layer.weight, weight0 + delta, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(layer.base_layer.bias, bias0 + (0 if db is None else db.detach()), atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(model(x), unmerged, atol=ATOL, rtol=RTOL)
     with pytest.raises(lyco.MergeError):
         layer.merge()  # already merged
     model.unmerge_adapter()
     assert not layer.merged
     torch.testing.assert_close(layer.base_layer.weight, weight0, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(layer.base_layer.bias, bias0, atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(model(x), unmerged, atol=ATOL, rtol=RTOL)
 
 
@@ -197,7 +213,11 @@ def test_zero_init_is_identity(opt, kind, init):
     for mode in (model.train, model.eval):
         mode()
         assert torch.equal(model(x), layer.base_layer(x))
-    # the zero factor is one of several: the others are random so training can start
+    # the zero factor is one of several: the others are random so training can start (Full: one zero delta,
+    # whose gradient is the base weight's)
+    if opt.method == "full":
+        assert layer.get_delta_bias("default").count_nonzero() == 0
+        return
     assert sum(int(q.abs().sum() > 0) for q in layer.lyco_adapters["default"].parameters()) >= 1
 
 
@@ -233,6 +253,7 @@ def test_half_precision_forward(opt, kind, dtype, autocast):
     base32 = copy.deepcopy(layer.base_layer).float()
     delta32 = layer.get_delta_weight("default").detach().float()
     want = base32(x.float()) + reference_apply(base32, x.float(), delta32)
+    want = want + bias_term(layer, want)
     tol = HALF_TOL[dtype]
     torch.testing.assert_close(out.float(), want, atol=tol, rtol=tol)
     # and a half-precision merge keeps the base dtype

@@ -80,12 +80,19 @@ def _fusable_first(rest: list[Term], x: torch.Tensor) -> bool:
     return bool(rest) and rest[0].dtype == x.dtype and rest[0].mask is None and rest[0].x is None
 
 
-def _dense_delta(terms: list[Term]) -> tuple[torch.Tensor, float]:
-    """``(ΔW, coeff)`` with ``coeff·ΔW = Σ scale·mask·ΔW_i`` over dense terms (canonical layout); a lone term with
-    a plain-number scale and no mask keeps its scale as ``coeff``, so the caller can fold it into
-    ``torch.add(W, ΔW, alpha=coeff)`` instead of writing a scaled copy."""
+def _dense_delta(terms: list[Term]) -> tuple[torch.Tensor, float, torch.Tensor | None]:
+    """``(ΔW, coeff, Δb)`` with ``coeff·ΔW = Σ scale·mask·ΔW_i`` over dense terms (canonical layout) and ``Δb =
+    Σ scale·mask·Δb_i`` (``None`` when no adapter changes the bias); a lone term with a plain-number scale and no
+    mask keeps its scale as ``coeff``, so the caller can fold it into ``torch.add(W, ΔW, alpha=coeff)`` instead
+    of writing a scaled copy."""
+    bias: torch.Tensor | None = None
+    for term in terms:
+        db = term.adapter.bias_delta(term.dtype)
+        if db is not None:
+            db = db * (term.scale if term.mask is None else term.mask * term.scale)
+            bias = db if bias is None else bias + db
     if len(terms) == 1 and not isinstance(terms[0].scale, torch.Tensor) and terms[0].mask is None:
-        return terms[0].adapter.delta_weight(terms[0].dtype), terms[0].scale
+        return terms[0].adapter.delta_weight(terms[0].dtype), terms[0].scale, bias
     total: torch.Tensor | None = None
     for term in terms:
         delta = term.adapter.delta_weight(term.dtype)
@@ -93,8 +100,7 @@ def _dense_delta(terms: list[Term]) -> tuple[torch.Tensor, float]:
         delta = delta * _along(factor, delta.dim(), 0)
         total = delta if total is None else total + delta.to(total.dtype)
     assert total is not None
-    return total, 1.0
-
+    return total, 1.0, bias
 
 
 class AdaptedLayer(nn.Module):
@@ -207,9 +213,9 @@ class AdaptedLayer(nn.Module):
             if term.mask is not None:
                 out = out * _along(term.mask, out.dim(), self.spec.channel_dim(out.dim()))
             return out
-        delta, coeff = _dense_delta([term._replace(x=None)])
+        delta, coeff, bias = _dense_delta([term._replace(x=None)])
         delta = delta if coeff == 1 else delta * coeff
-        return apply_weight(self._modules["base_layer"], self.spec, xin, delta)
+        return apply_weight(self._modules["base_layer"], self.spec, xin, delta, bias)
 
     def _dense_forward(
         self, x: torch.Tensor, terms: list[Term], fuse: bool, args: tuple, kwargs: dict
@@ -217,13 +223,14 @@ class AdaptedLayer(nn.Module):
         """The base output plus the summed dense terms: ``F.linear(x, W + c·ΔW, b)`` (conv alike) when fused,
         else the base layer's own call plus ``c·ΔW·x``."""
         base = self._modules["base_layer"]
-        delta, coeff = _dense_delta(terms)
-        if fuse:  # one matmul/conv with W + coeff·ΔW
-            weight = base.weight
-            return apply_weight(base, self.spec, x, torch.add(weight, delta.to(weight.dtype), alpha=coeff), base.bias)
+        delta, coeff, db = _dense_delta(terms)
+        if fuse:  # one matmul/conv with W + coeff·ΔW (and b + Δb)
+            weight = torch.add(base.weight, delta.to(base.weight.dtype), alpha=coeff)
+            bias = base.bias if db is None else base.bias + db.to(base.bias.dtype)
+            return apply_weight(base, self.spec, x, weight, bias)
         result = base(x, *args, **kwargs)
         delta = delta if coeff == 1 else delta * coeff
-        return result + apply_weight(base, self.spec, x.to(delta.dtype), delta).to(result.dtype)
+        return result + apply_weight(base, self.spec, x.to(delta.dtype), delta, db).to(result.dtype)
 
     def live_adapters(self) -> list[str]:
         """Active adapters this layer has that are not merged (empty when adapters are disabled)."""
@@ -295,31 +302,54 @@ class AdaptedLayer(nn.Module):
         """Merge precision: fp32, or the base weight's dtype when that is wider (fp64)."""
         return torch.float64 if self.base_layer.weight.dtype == torch.float64 else torch.float32
 
-    def _merge_delta(self, name: str) -> torch.Tensor:
-        """Scaled ``ΔW`` built in the merge precision, laid out like the base weight."""
+    def get_delta_bias(self, name: str) -> torch.Tensor | None:
+        """Scaled bias delta ``(out,)`` of one adapter, or ``None`` when it changes the weight only."""
         adapter = self._materialised(name)
-        return from_canonical(self.spec, adapter.delta_weight(self._merge_dtype()).detach() * adapter.scaling)
+        db = adapter.bias_delta()
+        return None if db is None else db * adapter.scaling
 
-    def _merged_weight(self, names: list[str]) -> torch.Tensor:
-        """The base weight after merging ``names`` one by one, exactly as :meth:`merge` writes it (each sum in
-        the merge precision, rounded to the weight's dtype)."""
-        weight = self.base_layer.weight.data
+    def _merge_delta(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scaled ``(ΔW, Δb)`` built in the merge precision, ``ΔW`` laid out like the base weight."""
+        adapter = self._materialised(name)
+        dtype = self._merge_dtype()
+        db = adapter.bias_delta(dtype)
+        delta = from_canonical(self.spec, adapter.delta_weight(dtype).detach() * adapter.scaling)
+        return delta, None if db is None else db.detach() * adapter.scaling
+
+    def _merged(self, names: list[str], sign: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The base weight and bias after adding (``sign=-1``: subtracting) ``names`` one by one, exactly as
+        :meth:`merge` writes them (each sum in the merge precision, rounded to the tensor's dtype); the bias is
+        ``None`` when no adapter changes it."""
+        base = self._modules["base_layer"]
+        weight, bias, dt = base.weight.data, None, self._merge_dtype()
         for name in names:
-            weight = (weight.to(self._merge_dtype()) + self._merge_delta(name)).to(weight.dtype)
-        return weight
+            delta, db = self._merge_delta(name)
+            weight = (weight.to(dt) + sign * delta).to(weight.dtype)
+            if db is not None:
+                bias = base.bias.data if bias is None else bias
+                bias = (bias.to(dt) + sign * db).to(bias.dtype)
+        return weight, bias
+
+    def _write(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        base = self._modules["base_layer"]
+        base.weight.data.copy_(weight)
+        if bias is not None:
+            base.bias.data.copy_(bias)
 
     def check_mergeable(self, module_name: str = "") -> None:
-        """:class:`MergeError` unless lyco can write the base weight exactly: a plain floating tensor (not a
-        quantized or other tensor subclass, not on the meta device)."""
-        weight = self._modules["base_layer"].weight
+        """:class:`MergeError` unless lyco can write the base weight (and the bias, when an adapter changes it)
+        exactly: a plain floating tensor (not a quantized or other tensor subclass, not on the meta device)."""
+        base = self._modules["base_layer"]
         where = module_name or type(self.base_layer).__name__
-        if type(weight) not in _PLAIN or not weight.dtype.is_floating_point or weight.is_meta:
-            kind = "on the meta device" if weight.is_meta else f"a {type(weight).__name__} of {weight.dtype}"
-            raise MergeError(
-                f"cannot merge into {where}: its weight is {kind} (quantized or not a plain float tensor), which "
-                "lyco cannot write exactly; merge into an unquantized copy of the base model, or keep the adapter "
-                "unmerged (nothing was merged)"
-            )
+        changes_bias = any(a.bias_delta() is not None for a in self._modules["lyco_adapters"].values())
+        for what, t in (("weight", base.weight), ("bias", base.bias if changes_bias else None)):
+            if t is not None and (type(t) not in _PLAIN or not t.dtype.is_floating_point or t.is_meta):
+                kind = "on the meta device" if t.is_meta else f"a {type(t).__name__} of {t.dtype}"
+                raise MergeError(
+                    f"cannot merge into {where}: its {what} is {kind} (quantized or not a plain float tensor), which "
+                    "lyco cannot write exactly; merge into an unquantized copy of the base model, or keep the "
+                    "adapter unmerged (nothing was merged)"
+                )
 
     def check_merge(self, adapter_names: list[str], module_name: str = "") -> None:
         """Raise :class:`MergeError` (nothing changed) if the weight cannot be written or merging
@@ -327,14 +357,15 @@ class AdaptedLayer(nn.Module):
         self.check_mergeable(module_name)
         names = [n for n in adapter_names if n in self.lyco_adapters]
         with torch.no_grad():
-            if names and not torch.isfinite(self._merged_weight(names)).all():
+            weight, bias = self._merged(names) if names else (None, None)
+            if names and not (torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())):
                 raise MergeError(
                     f"merging adapter(s) {names} into {module_name or type(self.base_layer).__name__} gives NaN/Inf "
                     "weights; an adapter is broken or their sum overflows the weight's dtype (nothing was merged)"
                 )
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Add the given adapters (default: active ones) into the base weight."""
+        """Add the given adapters (default: active ones) into the base weight (and bias)."""
         names = [n for n in (adapter_names if adapter_names is not None else self.active_adapters) if n in self.lyco_adapters]
         already = [n for n in names if n in self.merged_adapters]
         if already:
@@ -344,16 +375,14 @@ class AdaptedLayer(nn.Module):
         else:
             self.check_mergeable()
         with torch.no_grad():
-            self.base_layer.weight.data.copy_(self._merged_weight(names))
+            self._write(*self._merged(names))
         self.merged_adapters.extend(names)
 
     def unmerge(self) -> None:
-        """Subtract every merged adapter from the base weight, last merged first."""
-        weight = self.base_layer.weight
+        """Subtract every merged adapter from the base weight (and bias), last merged first."""
         with torch.no_grad():
             while self.merged_adapters:
-                name = self.merged_adapters.pop()
-                weight.data.copy_((weight.data.to(self._merge_dtype()) - self._merge_delta(name)).to(weight.dtype))
+                self._write(*self._merged([self.merged_adapters.pop()], sign=-1))
 
     # -- scale -------------------------------------------------------------------------------
     def check_scalable(self, names: list[str]) -> None:

@@ -5,11 +5,12 @@
 - ``schema.py``: :class:`MethodSchema` / :class:`Param`, how a method's tensors look on disk;
 - ``adapter.py``: :class:`Adapter`, one adapter on one layer (cost-model hooks included);
 - ``registry.py``: :func:`register_method` and the lookups ``formats/`` and ``tools/`` use;
-- ``lora.py``, ``loha.py``, ``lokr.py``: the methods.
+- ``lora.py``, ``loha.py``, ``lokr.py``, ``full.py``: the methods.
 """
 
 from .adapter import Adapter
 from .config import AdapterConfig
+from .full import FullAdapter, FullConfig
 from .loha import LoHaAdapter, LoHaConfig
 from .lokr import LoKrAdapter, LoKrConfig
 from .lora import LoRAAdapter, LoRAConfig
@@ -17,6 +18,6 @@ from .registry import METHODS, register_method
 from .schema import FitOptions, MethodSchema, Param, ShapePlan
 
 __all__ = [
-    "METHODS", "Adapter", "AdapterConfig", "FitOptions", "LoHaAdapter", "LoHaConfig", "LoKrAdapter", "LoKrConfig",
+    "METHODS", "Adapter", "AdapterConfig", "FitOptions", "FullAdapter", "FullConfig", "LoHaAdapter", "LoHaConfig", "LoKrAdapter", "LoKrConfig",
     "LoRAAdapter", "LoRAConfig", "MethodSchema", "Param", "ShapePlan", "register_method",
 ]  # fmt: skip

@@ -107,6 +107,10 @@ class Adapter(nn.Module, MethodSchema, ABC):
         Default: :meth:`compose` of the parameters, the formula files use too."""
         return self.compose(self.tensors(dtype), self.plan).reshape(self.spec.weight_shape)
 
+    def bias_delta(self, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        """Unscaled bias delta ``(out,)`` in ``dtype``, or ``None`` (:meth:`compose_bias` of the parameters)."""
+        return self.compose_bias(self.tensors(dtype))
+
     def tensors(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The adapter's own parameters by on-disk name, cast to ``dtype`` (differentiably)."""
         return {name: as_dtype(p, dtype) for name, p in self._parameters.items() if p is not None}

@@ -212,6 +212,11 @@ class MethodSchema:
         raise FormatError(f"{cls.display()}: the method defines no compose(tensors, plan); ΔW cannot be read from files")
 
     @classmethod
+    def compose_bias(cls, tensors: Tensors) -> torch.Tensor | None:
+        """Unscaled bias delta ``(out,)`` from ``tensors``, or ``None`` (default: methods change weights only)."""
+        return None
+
+    @classmethod
     def matvec(cls, tensors: Tensors, plan: Any, v: torch.Tensor) -> torch.Tensor:
         """``ΔW v`` (unscaled) for ``v (in·∏k, n)`` with ``ΔW`` as an ``(out, in·∏k)`` matrix → ``(out, n)``;
         methods with a factored product override it so that checks on large layers never build ``ΔW``.

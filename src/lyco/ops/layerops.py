@@ -21,7 +21,7 @@ class LayerSpec:
     """What an adapter needs to know about a base layer.
 
     ``kind``: ``"linear"``, ``"conv"`` or ``"conv1d_t"`` (transformers ``Conv1D``, weight ``(in, out)``);
-    ``in_features`` is per group for grouped convs (``groups``).
+    ``in_features`` is per group for grouped convs (``groups``); ``has_bias``: the layer has a bias.
     """
 
     kind: str
@@ -29,6 +29,7 @@ class LayerSpec:
     in_features: int
     kernel: Shape
     groups: int = 1
+    has_bias: bool = False
 
     @property
     def weight_shape(self) -> Shape:
@@ -48,14 +49,15 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
 
 def layer_spec(module: nn.Module) -> LayerSpec | None:
     """The :class:`LayerSpec` of a supported layer, ``None`` for any other module."""
+    bias = getattr(module, "bias", None) is not None
     if isinstance(module, nn.Linear):
-        return LayerSpec("linear", module.out_features, module.in_features, ())
+        return LayerSpec("linear", module.out_features, module.in_features, (), has_bias=bias)
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         out, in_, *k = module.weight.shape
-        return LayerSpec("conv", out, in_, tuple(k), module.groups)
+        return LayerSpec("conv", out, in_, tuple(k), module.groups, bias)
     if _is_hf_conv1d(module):
         in_, out = module.weight.shape
-        return LayerSpec("conv1d_t", out, in_, ())
+        return LayerSpec("conv1d_t", out, in_, (), has_bias=bias)
     return None
 
 
