@@ -124,6 +124,32 @@ def test_extract_loha_conv_keeps_the_layer_shape() -> None:
     assert relative_error(delta, m.delta_weight()) < 1
 
 
+def test_extract_full_is_exact_and_carries_bias_differences(tmp_path: Path, base_file: Path) -> None:
+    """Full: diff = the weight difference; diff_b only where ``<module>.bias`` differs too; merging it back
+    gives the tuned state dict."""
+    deltas = {"layers.0.q": rnd(16, 12), "conv": rnd(8, 4, 3, 3)}
+    tuned = tuned_file(tmp_path, base_file, deltas)
+    state = load_file(tuned)
+    state["layers.0.q.bias"] = state["layers.0.q.bias"] + rnd(16)
+    save_file(state, tuned)
+    af, results = extract_files(base_file, tuned, "full", 1)
+    errors = {r.name: r.error for r in results}
+    assert set(errors) == {"layers.0.q", "conv"} and max(errors.values()) < 1e-7, errors  # fp32 rounding only
+    assert set(af.modules["layers.0.q"].tensors) == {"diff", "diff_b"} and set(af.modules["conv"].tensors) == {"diff"}
+    merge_file(base_file, af, tmp_path / "back.safetensors")
+    back = load_file(tmp_path / "back.safetensors")
+    for key, want in state.items():
+        torch.testing.assert_close(back[key], want, atol=1e-6, rtol=0)
+
+
+def test_to_lora_notes_a_dropped_bias_delta() -> None:
+    full = ModuleAdapter("full", {"diff": rnd(8, 6), "diff_b": rnd(8)}, weight_shape=(8, 6))
+    _, results = to_lora(AdapterFile({"a": full, "b": loha(8, 6, 2)}), 6)
+    notes = {r.name: r.note for r in results}
+    assert notes["a"].startswith("bias delta dropped") and notes["b"] == ""
+    assert results[0].error < 1e-6  # rank 6 = full rank: the weight part is exact
+
+
 def test_extract_nothing_to_do_is_an_error(base_file: Path) -> None:
     with pytest.raises(FormatError, match="nothing to extract"):
         extract_files(base_file, base_file, "lokr", 2)
@@ -188,6 +214,22 @@ def test_merge_transposed_conv1d_weights(tmp_path: Path) -> None:
     for name in ("h.c_attn", "h.c_proj"):
         want = state[f"{name}.weight"] + af.modules[name].delta_weight(state[f"{name}.weight"].shape[::-1]).T
         torch.testing.assert_close(merged[f"{name}.weight"], want)
+
+
+def test_merge_full_changes_weight_and_bias(tmp_path: Path, base_file: Path) -> None:
+    """Full's diff_b lands in ``<module>.bias``; a diff_b for a base without that bias fails before writing."""
+    state = load_file(base_file)
+    full = ModuleAdapter("full", {"diff": rnd(16, 12), "diff_b": rnd(16)}, alpha=None, weight_shape=(16, 12))
+    report = merge_file(base_file, AdapterFile({"layers.0.q": full}), tmp_path / "m.safetensors", scale=0.5)
+    assert report.merged == ["layers.0.q"] and report.merged_bias == ["layers.0.q"]
+    assert report.copied == len(state) - 2
+    merged = load_file(tmp_path / "m.safetensors")
+    torch.testing.assert_close(merged["layers.0.q.weight"], state["layers.0.q.weight"] + 0.5 * full.tensors["diff"])
+    torch.testing.assert_close(merged["layers.0.q.bias"], state["layers.0.q.bias"] + 0.5 * full.tensors["diff_b"])
+    no_bias = AdapterFile({"layers.1.q": full})
+    with pytest.raises(FormatError, match=r"layers\.1\.q.*no layers\.1\.q\.bias"):
+        merge_file(base_file, no_bias, tmp_path / "n.safetensors")
+    assert not list(tmp_path.glob("n*")) and not list(tmp_path.glob(".n*"))
 
 
 def test_merge_unknown_module_fails_before_writing(tmp_path: Path, base_file: Path) -> None:

@@ -14,13 +14,14 @@ from lyco.methods import METHODS as REGISTRY
 
 ATOL = RTOL = 1e-5  # fp32 comparisons
 R, ALPHA = 2, 6  # low-rank factors for both methods on every kind (see conftest), scaling 3
-METHODS = {"lora": lyco.LoRAConfig, "loha": lyco.LoHaConfig, "lokr": lyco.LoKrConfig}
+METHODS = {"lora": lyco.LoRAConfig, "loha": lyco.LoHaConfig, "lokr": lyco.LoKrConfig, "full": lyco.FullConfig}
 GRID = [pytest.param(m, k, id=f"{m}-{k}") for m in METHODS for k in LAYER_KINDS]
 # (method, extra config, whether kept rows are rescaled by 1 / kept fraction)
 RESCALE = [
     pytest.param("loha", {}, True, id="loha-always-rescales"),
     pytest.param("lokr", {}, False, id="lokr-default-no-rescale"),
     pytest.param("lokr", {"rank_dropout_scale": True}, True, id="lokr-rank_dropout_scale"),
+    pytest.param("full", {}, False, id="full-default-no-rescale"),  # lycoris-lora's full: rank_dropout_scale=False
 ]
 
 
@@ -29,9 +30,20 @@ def config(method: str, **kwargs) -> lyco.AdapterConfig:
     return METHODS[method](**kw)
 
 
+def scaling(method: str, r: int, alpha: float) -> float:
+    """The method's own scale rule (``alpha / r``; Full: 1)."""
+    return REGISTRY[METHODS[method].peft_type].config_scaling(config(method), r, alpha)
+
+
 def delta_out(layer: lyco.AdaptedLayer, x: torch.Tensor, name: str = "default") -> torch.Tensor:
-    """Reference adapter contribution (no dropout): ``get_delta_weight`` applied the base layer's way."""
-    return reference_apply(layer.base_layer, x, layer.get_delta_weight(name).detach())
+    """Reference adapter contribution (no dropout): ``get_delta_weight`` applied the base layer's way, plus
+    the bias delta along the output channels (Full)."""
+    out = reference_apply(layer.base_layer, x, layer.get_delta_weight(name).detach())
+    db = layer.get_delta_bias(name)
+    if db is not None:
+        dim = layer.spec.channel_dim(out.dim())  # 0 for unbatched conv input
+        out = out + db.detach().view(-1, *[1] * (out.dim() - dim - 1))
+    return out
 
 
 def per_channel(t: torch.Tensor, base) -> torch.Tensor:
@@ -148,11 +160,11 @@ def test_set_scale_scale_layer_unscale_layer(method, kind):
     x = make_input(kind)
     base_out = layer.base_layer(x)
     d1 = delta_out(layer, x)
-    default = ALPHA / R
+    default, other = scaling(method, R, ALPHA), scaling(method, 4, 2)
 
     def check(scale_default: float, scale_other: float) -> None:
         assert layer.scaling["default"] == pytest.approx(scale_default * default)
-        assert layer.scaling["other"] == pytest.approx(scale_other * 2 / 4)
+        assert layer.scaling["other"] == pytest.approx(scale_other * other)
         torch.testing.assert_close(model(x), base_out + scale_default * d1, atol=ATOL, rtol=RTOL)
 
     check(1, 1)
@@ -178,9 +190,10 @@ def test_scaling_is_alpha_over_r(method, r, alpha):
     adapter = layer.lyco_adapters["default"]
     assert adapter.r == layer.r["default"] == r
     assert layer.alpha["default"] == alpha
-    assert layer.scaling["default"] == alpha / r
+    want = 1.0 if method == "full" else alpha / r  # Full has no rank: scale 1 (lycoris-lora's rule)
+    assert layer.scaling["default"] == scaling(method, r, alpha) == want
     torch.testing.assert_close(
-        layer.get_delta_weight("default"), adapter.delta_weight() * (alpha / r), atol=ATOL, rtol=RTOL
+        layer.get_delta_weight("default"), adapter.delta_weight() * want, atol=ATOL, rtol=RTOL
     )
 
 
@@ -188,7 +201,7 @@ def test_scaling_is_alpha_over_r(method, r, alpha):
 def test_rank_and_alpha_patterns(method):
     _, layer = adapt("linear", config(method, rank_pattern={"layer": 4}, alpha_pattern={"layer": 12}))
     assert layer.r["default"] == 4
-    assert layer.scaling["default"] == 12 / 4
+    assert layer.scaling["default"] == scaling(method, 4, 12)
 
 
 # -- safe merge -----------------------------------------------------------------------------------------
@@ -256,7 +269,7 @@ def test_rescaling_a_merged_adapter_is_refused(method):
     ):
         with pytest.raises(lyco.MergeError):
             rescale()
-        assert layer.scaling["default"] == ALPHA / R
+        assert layer.scaling["default"] == scaling(method, R, ALPHA)
         assert torch.equal(layer.base_layer.weight, merged)
     model.unmerge_adapter()
     torch.testing.assert_close(layer.base_layer.weight, weight0, atol=ATOL, rtol=RTOL)
@@ -275,5 +288,5 @@ def test_rank_dropout_unbatched_conv_input(method, kind):
         got = (model(x) - base(x)).reshape(base.out_channels, -1)
     kept = got.abs().amax(1) > 0
     assert 0 < int(kept.sum()) < kept.numel()
-    factor = 1 / kept.float().mean() if method == "loha" else 1.0  # LoKr: rank_dropout_scale=False
+    factor = 1 / kept.float().mean() if method == "loha" else 1.0  # LoKr, Full, LoRA: rank_dropout_scale=False
     torch.testing.assert_close(got, full * kept[:, None] * factor, atol=ATOL, rtol=1e-4)

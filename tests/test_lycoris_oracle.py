@@ -28,6 +28,7 @@ CP_BUG = "lycoris-lora 4.1.3 cannot reload a LoKr CP (use_tucker) module whose w
 
 # (id, create_lycoris kwargs, excluded modules, reason lycoris-lora cannot reload the file or None)
 CASES = [
+    ("full", {"algo": "full", **R2}, (), None),  # diff + diff_b, no alpha, scale 1
     ("lora", {"algo": "lora", **R2}, (), None),
     ("locon-tucker", {"algo": "locon", "use_tucker": True, **R2}, (), None),
     ("lora-rs", {"algo": "lora", "rs_lora": True, **R2}, (), None),  # files store alpha·√r
@@ -101,6 +102,7 @@ def test_full_matrix_split_is_read_from_shapes(tmp_path):
 
 # lyco-native adapters (PEFT-style configs) saved as LyCORIS files, loaded by lycoris-lora
 NATIVE = [
+    ("full", lyco.FullConfig(target_modules=LAYERS, init_weights=False)),
     ("loha", lyco.LoHaConfig(r=2, alpha=3, target_modules=LAYERS, init_weights=False)),
     ("loha-effective-conv", lyco.LoHaConfig(r=2, alpha=3, target_modules=LAYERS, use_effective_conv2d=True,
                                              init_weights=False)),

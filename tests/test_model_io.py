@@ -35,6 +35,9 @@ CONFIGS = {
     "lokr-decompose-both-factor": lambda: lyco.LoKrConfig(
         r=1, alpha=2, target_modules=TARGETS, init_weights=False, decompose_both=True, decompose_factor=4,
         rank_dropout=0.1, module_dropout=0.1),
+    "lora-tucker-rslora": lambda: lyco.LoRAConfig(
+        r=2, alpha=3, target_modules=TARGETS, init_weights=False, use_effective_conv2d=True, use_rslora=True),
+    "full": lambda: lyco.FullConfig(target_modules=TARGETS, init_weights=False, rank_dropout=0.1),
 }  # fmt: skip
 
 

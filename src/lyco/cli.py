@@ -225,6 +225,8 @@ def _run_merge(args: argparse.Namespace) -> int:
     af = _read(args.adapter, args)
     report = merge_file(args.base, af, args.out, scale=args.scale, progress=progress_bar(not args.no_progress))
     note = f"; {len(report.transposed)} stored (in, out) (transformers Conv1D)" if report.transposed else ""
+    if report.merged_bias:
+        note += f"; {len(report.merged_bias)} bias(es) changed"
     print(
         f"wrote {report.out_path}: merged {len(report.merged)} module(s) (max |scale·ΔW| "
         f"{report.max_abs_delta:.3e}), copied {report.copied} tensor(s){note}"
@@ -360,7 +362,7 @@ def _write(af: AdapterFile, args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The ``lyco`` parser with every subcommand registered."""
     parser = argparse.ArgumentParser(
-        prog="lyco", description="LyCORIS-family adapters (LoRA/LoCon, LoHa, LoKr) for PyTorch."
+        prog="lyco", description="LyCORIS-family adapters (LoRA/LoCon, LoHa, LoKr, Full) for PyTorch."
     )
     parser.add_argument("--version", action="version", version=f"lyco {__version__}")
     parser.add_argument("--debug", action="store_true", help="on an error, show the Python traceback")

@@ -23,6 +23,7 @@ from .errors import (
     ArgumentError,
     ConfigError,
     MergeError,
+    ShapeMismatchError,
     UnsupportedLayerError,
 )
 from .layer import AdaptedLayer
@@ -189,10 +190,13 @@ class LycoModel(AdapterIO):
             plan = (plans or {}).get(name)
             r = plan.r if plan is not None and getattr(plan, "ranked", True) else pattern_value(config.rank_pattern, name, config.r)
             alpha = pattern_value(config.alpha_pattern, name, config.alpha)
-            adapter = adapter_cls(
-                spec, r, alpha, config, device=device, dtype=_adapter_dtype(weight, self.autocast_adapter_dtype),
-                plan=plan,
-            )
+            try:
+                adapter = adapter_cls(
+                    spec, r, alpha, config, device=device, dtype=_adapter_dtype(weight, self.autocast_adapter_dtype),
+                    plan=plan,
+                )
+            except (ShapeMismatchError, ConfigError) as exc:  # name the module (nothing is modified yet)
+                raise type(exc)(f"module {name!r}: {exc}") from None
             created.append((name, module, adapter))
         to_save = check_modules_to_save(self.model, config.modules_to_save, skip)
         clash = sorted(set(to_save) & {n for n, _, _ in created})

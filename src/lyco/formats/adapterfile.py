@@ -108,6 +108,13 @@ class ModuleAdapter:
             raise FormatError(f"{self.algo} tensors give {delta.numel()} weights, the layer has {shape}")
         return delta.reshape(shape) * self.scale()
 
+    def delta_bias(self) -> torch.Tensor | None:
+        """Scaled bias delta ``(out,)`` in fp32, or ``None`` for a method that changes weights only
+        (:meth:`~lyco.methods.schema.MethodSchema.compose_bias`)."""
+        with torch.no_grad():
+            db = self.method.compose_bias({k: v.float() for k, v in self.tensors.items()})
+        return None if db is None else db * self.scale()
+
     def matvec(self, v: torch.Tensor, weight_shape: Shape | None = None) -> torch.Tensor:
         """Scaled ``ΔW v`` for ``v (in·∏k, n)`` → ``(out, n)`` without building ``ΔW`` where the method has a
         factored product (fp32 maths)."""

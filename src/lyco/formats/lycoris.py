@@ -190,8 +190,8 @@ def read_lycoris_file(
 def lycoris_state_dict(
     af: AdapterFile, style: str = "lycoris", prefix: str | None = None, component: str | None = None
 ) -> dict[str, torch.Tensor]:
-    """The tensors of ``af`` under ``style``'s keys, each module with a 0-dim float32 ``.alpha``
-    (``r`` where none is stored; a module without rank and alpha gets 1, which no reader uses). A stored alpha
+    """The tensors of ``af`` under ``style``'s keys, each module with a 0-dim float32 ``.alpha`` unless its
+    method stores none (Full) (``r`` where none is stored; a module without rank and alpha gets 1, which no reader uses). A stored alpha
     is never 0 (kohya and lycoris-lora read 0 as r, ComfyUI and AUTOMATIC1111 as 0): a module of scale 0 is
     written with its tensors scaled by 0 and ``alpha = r``, which every reader applies alike."""
     names = list(af.modules)
@@ -206,8 +206,9 @@ def lycoris_state_dict(
         tensors = m.method.peft_layout(m.tensors) if style == "peft" else m.tensors  # PEFT's Conv1d core layout
         for p, t in tensors.items():
             out[f"{stem}.{params[p].file_key}"] = t.detach()
-        alpha = m.alpha if m.alpha is not None else float(m.rank or 1)
-        out[f"{stem}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        if m.method.stores_alpha:
+            alpha = m.alpha if m.alpha is not None else float(m.rank or 1)
+            out[f"{stem}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
     return out
 
 

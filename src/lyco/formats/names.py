@@ -31,6 +31,7 @@ from .keys import COMPONENT_ROOTS, Convention, match_convention, underscore
 
 Shape = tuple[int, ...]
 WEIGHT = ".weight"
+BIAS = ".bias"
 _PLAIN = Convention("", "module path", "", True)  # a name without a known prefix
 
 

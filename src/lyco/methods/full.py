@@ -44,13 +44,16 @@ class FullPlan:
 @dataclass
 class FullConfig(AdapterConfig):
     """Full-weight deltas; ``r`` and ``alpha`` are unused (the scale is 1). ``init_weights=True`` starts at zero
-    (the base model); ``False`` draws small random deltas (for tests).
+    (the base model); ``False`` draws small random deltas (for tests). ``rank_dropout`` drops output rows of
+    ``diff`` and ``diff_b`` alike; ``rank_dropout_scale`` rescales the kept ones (lycoris-lora's default: no).
 
     >>> FullConfig(target_modules=["fc"]).peft_type
     'FULL'
     """
 
     peft_type = "FULL"
+
+    rank_dropout_scale: bool = False
 
 
 @register_method
@@ -65,11 +68,17 @@ class FullAdapter(Adapter):
     required = (("diff",),)
     pairs = (("diff_b", "diff"),)
     unranked = "a full delta"
+    rank_dropout_scale_default = False
+    stores_alpha = False  # lycoris-lora writes none; ComfyUI and AUTOMATIC1111 ignore one on diff
 
     # -- module --------------------------------------------------------------------------------
     def create_parameters(self, config: FullConfig, *, device, dtype) -> None:
         if self.plan is None:
             self.plan = FullPlan(self.spec.weight_shape, self.spec.has_bias, self.r)
+        if self.plan.bias and not self.spec.has_bias:
+            raise ShapeMismatchError(
+                "Full: diff_b (a bias delta) given for a layer without a bias; drop the tensor or give the layer one"
+            )
         for name, shape in self.plan.param_shapes().items():
             self.add_param(name, shape, device, dtype)
 
@@ -118,5 +127,9 @@ class FullAdapter(Adapter):
 
     @classmethod
     def extract(cls, delta: torch.Tensor, opts: FitOptions) -> dict[str, torch.Tensor]:
-        """The difference itself (exact; the bias difference is not extracted)."""
+        """The difference itself (exact)."""
         return {"diff": delta.clone()}
+
+    @classmethod
+    def extract_bias(cls, bias_delta: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"diff_b": bias_delta.clone()}

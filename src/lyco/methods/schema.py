@@ -122,6 +122,7 @@ class MethodSchema:
     pairs: ClassVar[tuple[tuple[str, str], ...]] = ()  # (a, b): a needs b
     exclusive: ClassVar[tuple[tuple[str, str], ...]] = ()  # never both
     unranked: ClassVar[str] = "no factored rank"  # what a module without rank is (files scale it by 1)
+    stores_alpha: ClassVar[bool] = True  # files carry a 0-dim ``.alpha`` per module (False: never, e.g. Full)
 
     # -- declared tensors -------------------------------------------------------------------------
     @classmethod
@@ -252,6 +253,12 @@ class MethodSchema:
     def extract(cls, delta: torch.Tensor, opts: FitOptions) -> dict[str, torch.Tensor]:
         """Unscaled tensors (scale 1: alpha = their rank) approximating ``delta (out, in, *k)``."""
         raise FormatError(f"{cls.display()} adapters cannot be extracted from weight differences")
+
+    @classmethod
+    def extract_bias(cls, bias_delta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Tensors carrying a bias difference ``(out,)`` next to :meth:`extract`'s (default: none, the method
+        changes weights only; ``lyco extract`` then ignores bias differences)."""
+        return {}
 
     @classmethod
     def resize(cls, tensors: Tensors, plan: Any, opts: FitOptions) -> dict[str, torch.Tensor]:

@@ -5,7 +5,9 @@ LoKr: the nearest Kronecker product ``kron(w1, w2)`` of ``ΔW`` (Van Loan–Pits
 the rearranged matrix, optimal in the Frobenius norm), then rank-``r`` SVD factors for the parts that
 lyco's plan rules make low-rank (:func:`lyco.ops.factorize.plan_lokr`: ``w2`` is full when
 ``r ≥ max(out_r, in_r)/2``, ``w1`` unless ``decompose_both``). LoHa has no closed form: a short seeded
-Adam fit (:func:`lyco.ops.hadamard.fit_loha`). LoRA: the truncated SVD. Files are streamed (one
+Adam fit (:func:`lyco.ops.hadamard.fit_loha`). LoRA: the truncated SVD. Full: the difference itself, and
+the module's bias difference (``diff_b``, where ``<module>.bias`` differs; a module is extracted when its
+weight differs). Files are streamed (one
 base/tuned tensor pair at a time). The file's ``ss_*`` metadata states what was asked for (``--rank``,
 ``--factor``…), as kohya's extraction scripts write it.
 """
@@ -23,7 +25,7 @@ from safetensors import safe_open
 from ..errors import FormatError
 from ..formats.adapterfile import AdapterFile, ModuleAdapter
 from ..formats.metadata import NETWORK_MODULE
-from ..formats.names import WEIGHT
+from ..formats.names import BIAS, WEIGHT
 from ..formats.stream import DTYPES, read_index
 from ..methods.registry import all_methods, method_for_algo
 from ..methods.schema import FitOptions
@@ -45,14 +47,19 @@ def extract_module(
     decompose_both: bool = False,
     steps: int = LOHA_STEPS,
     seed: int = 0,
+    bias_delta: torch.Tensor | None = None,
 ) -> ModuleAdapter:
     """A module adapter (alpha = its rank, so scale 1; fp32 CPU tensors) whose ``delta_weight()``
-    approximates ``delta (out, in, *k)``; the maths runs on ``delta``'s device."""
+    approximates ``delta (out, in, *k)`` (and, for a method with a bias delta, whose ``delta_bias()`` is
+    ``bias_delta (out,)``); the maths runs on ``delta``'s device."""
     method = method_for_algo(algo)
     if not method.implements("extract"):
         raise FormatError(f"extract supports {', '.join(extract_algos())}, not {algo!r}")
     opts = FitOptions(rank, factor, decompose_both, steps, seed)
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in method.extract(delta, opts).items()}
+    found = method.extract(delta, opts)
+    if bias_delta is not None:
+        found.update(method.extract_bias(bias_delta))
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in found.items()}
     m = ModuleAdapter(algo, tensors, weight_shape=tuple(delta.shape))
     m.alpha = float(m.rank or rank)
     return m
@@ -107,7 +114,17 @@ def extract_files(
     keys = candidate_keys(base_specs, tuned_specs, include, exclude)
     modules: dict[str, ModuleAdapter] = {}
     results: list[ModuleResult] = []
+    takes_bias = method_for_algo(algo).implements("extract_bias")
     with safe_open(str(base_path), framework="pt") as fb, safe_open(str(tuned_path), framework="pt") as ft:
+
+        def bias_delta(module: str) -> torch.Tensor | None:
+            """``tuned − base`` of ``<module>.bias`` for a method that carries one, where it differs."""
+            key = module + BIAS
+            if not takes_bias or key not in base_specs or tuned_specs.get(key) != base_specs[key]:
+                return None
+            b0, b1 = fb.get_tensor(key).to(device, torch.float64), ft.get_tensor(key).to(device, torch.float64)
+            return None if torch.equal(b0, b1) else b1 - b0
+
         for key in track(keys, progress, len(keys), f"extract {algo}"):
             w0, w1 = fb.get_tensor(key).to(device, torch.float64), ft.get_tensor(key).to(device, torch.float64)
             delta = w1 - w0
@@ -115,7 +132,7 @@ def extract_files(
                 continue
             del w0, w1
             name = key[: -len(WEIGHT)]
-            m = extract_module(delta, algo, rank, factor, decompose_both, steps, seed)
+            m = extract_module(delta, algo, rank, factor, decompose_both, steps, seed, bias_delta(name))
             modules[name] = m
             err = relative_error(delta.cpu(), m.delta_weight().double())
             results.append(ModuleResult(name, algo, tuple(delta.shape), m.rank, err, m.num_params()))

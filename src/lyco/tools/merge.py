@@ -19,7 +19,7 @@ import torch
 
 from ..errors import FormatError
 from ..formats.adapterfile import AdapterFile
-from ..formats.names import WEIGHT
+from ..formats.names import BIAS, WEIGHT
 from ..formats.stream import DTYPES, StreamingWriter, load_tensor, raw_bytes, read_header
 from . import Progress, track
 from .base_weights import BaseIndex, attach_base
@@ -29,6 +29,7 @@ from .base_weights import BaseIndex, attach_base
 class MergeReport:
     out_path: Path
     merged: list[str] = field(default_factory=list)  # module paths whose weight changed
+    merged_bias: list[str] = field(default_factory=list)  # module paths whose bias changed (Full's diff_b)
     copied: int = 0  # tensors copied through unchanged
     transposed: list[str] = field(default_factory=list)  # weights stored (in, out) (transformers Conv1D)
     max_abs_delta: float = 0.0
@@ -41,7 +42,8 @@ def merge_file(
     scale: float = 1.0,
     progress: Progress | None = None,
 ) -> MergeReport:
-    """Write ``out_path`` = the base state dict with ``W + scale · ΔW`` for every adapted module.
+    """Write ``out_path`` = the base state dict with ``W + scale · ΔW`` for every adapted module (and
+    ``b + scale · Δb`` where the method has a bias delta, e.g. Full's ``diff_b``).
 
     ``base_path``: a safetensors file, or a folder of shards (``model-0000x-of-0000n.safetensors``; the
     output is then a folder with the same shards, and the folder's ``*.json`` files — shard index,
@@ -60,12 +62,18 @@ def merge_file(
     entries = {k: e for hdr, _ in headers.values() for k, e in hdr.items()}
     weights = {k[: -len(WEIGHT)]: e.shape for k, e in entries.items() if k.endswith(WEIGHT)}
     adapter, transposed = attach_base(af, BaseIndex(weights, {}, str(base_path)))
+    bias_deltas = {name: db for name, m in adapter.modules.items() if (db := m.delta_bias()) is not None}
     for name in adapter.modules:
-        dtype = DTYPES.get(entries[name + WEIGHT].dtype)
-        if dtype is None or not dtype.is_floating_point:
+        keys = [name + WEIGHT] + ([name + BIAS] if name in bias_deltas else [])
+        if name in bias_deltas and name + BIAS not in entries:
             raise FormatError(
-                f"{base_path}: {name + WEIGHT} is {entries[name + WEIGHT].dtype}; lyco merges only into float weights"
+                f"{base_path}: the adapter changes the bias of {name!r} (diff_b), but the base has no {name + BIAS}; "
+                "a state-dict merge cannot add a bias the model does not have (load the adapter on the model instead)"
             )
+        for key in keys:
+            dtype = DTYPES.get(entries[key].dtype)
+            if dtype is None or not dtype.is_floating_point:
+                raise FormatError(f"{base_path}: {key} is {entries[key].dtype}; lyco merges only into float tensors")
     report = MergeReport(out_path, transposed=sorted(transposed))
     stamp = json.dumps({"modules": len(adapter.modules), "scale": scale})
     for i, (shard, (hdr, metadata)) in enumerate(headers.items()):
@@ -75,6 +83,13 @@ def merge_file(
         sizes = {k: e.end - e.begin for k, e in hdr.items()}
         with StreamingWriter(target, specs, {**metadata, "lyco_merge": stamp}, sizes) as writer:
             for key in track(list(hdr), progress, len(hdr), desc):
+                if key.endswith(BIAS) and key[: -len(BIAS)] in bias_deltas:
+                    module = key[: -len(BIAS)]
+                    bias = load_tensor(shard, key, hdr[key])
+                    report.max_abs_delta = max(report.max_abs_delta, abs(scale) * float(bias_deltas[module].abs().max()))
+                    writer.write(key, merged_weight(bias, bias_deltas[module], scale))
+                    report.merged_bias.append(module)
+                    continue
                 module = key[: -len(WEIGHT)] if key.endswith(WEIGHT) else None
                 if module not in adapter.modules:
                     writer.write_raw(key, raw_bytes(shard, hdr[key]))  # byte for byte, whatever the dtype

@@ -56,6 +56,12 @@ def to_lora_module(m: ModuleAdapter, rank: int) -> ModuleAdapter:
     return lora
 
 
+def _lost_bias(m: ModuleAdapter) -> str:
+    """The note for a module whose bias delta a LoRA cannot carry (Full's ``diff_b``)."""
+    db = m.delta_bias()
+    return "" if db is None else f"bias delta dropped (max |Δb| {float(db.abs().max()):.2e}): LoRA has none"
+
+
 def _run(af: AdapterFile, convert, progress: Progress | None, desc: str) -> tuple[AdapterFile, list[ModuleResult]]:
     modules: dict[str, ModuleAdapter] = {}
     results: list[ModuleResult] = []
@@ -82,7 +88,7 @@ def to_lora(af: AdapterFile, rank: int, progress: Progress | None = None) -> tup
     """Every module as a plain rank-``rank`` LoRA; per module the relative error of the SVD truncation."""
     if rank < 1:
         raise ValueError(f"rank must be positive, got {rank}")
-    out, results = _run(af, lambda m: (to_lora_module(m, rank), ""), progress, "to-lora")
+    out, results = _run(af, lambda m: (to_lora_module(m, rank), _lost_bias(m)), progress, "to-lora")
     metadata = {k: v for k, v in without_ranks(af.metadata).items() if k not in ("ss_network_module", ARGS)}
     metadata.update(ss_network_module="networks.lora", ss_network_dim=str(rank), ss_network_alpha=str(rank))
     return dataclasses.replace(out, metadata=metadata), results
