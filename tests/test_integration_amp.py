@@ -83,6 +83,9 @@ METHODS = {
     "lora": lambda: lyco.LoRAConfig(r=4, use_effective_conv2d=True, target_modules=["conv", "fc1", "fc2"], init_weights=False),
     "loha": lambda: lyco.LoHaConfig(r=4, use_effective_conv2d=True, target_modules=["conv", "fc1", "fc2"], init_weights=False),
     "lokr": lambda: lyco.LoKrConfig(r=2, decompose_both=True, target_modules=["conv", "fc1", "fc2"], init_weights=False),
+    "lora-scalar": lambda: lyco.LoRAConfig(r=4, use_scalar=True, use_rslora=True, target_modules=["conv", "fc1", "fc2"],
+                                           init_weights=False),
+    "full": lambda: lyco.FullConfig(target_modules=["conv", "fc1", "fc2"], init_weights=False),
 }
 X = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(3))
 

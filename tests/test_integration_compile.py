@@ -39,6 +39,10 @@ CONFIGS = {
     "loha": lambda **kw: lyco.LoHaConfig(r=2, **kw),
     "lokr_both": lambda **kw: lyco.LoKrConfig(r=2, decompose_both=True, use_effective_conv2d=True, **kw),
     "lokr": lambda **kw: lyco.LoKrConfig(r=8, **kw),
+    "lora_scalar_rs": lambda **kw: lyco.LoRAConfig(r=2, use_scalar=True, use_rslora=True, **kw),
+    "loha_scalar": lambda **kw: lyco.LoHaConfig(r=2, use_scalar=True, **kw),
+    "lokr_scalar_full": lambda **kw: lyco.LoKrConfig(r=2, use_scalar=True, full_matrix=True, **kw),
+    "full": lambda **kw: lyco.FullConfig(**kw),
 }
 INPUTS = (torch.randn(3, 32, generator=torch.Generator().manual_seed(1)),
           torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(2)))  # fmt: skip

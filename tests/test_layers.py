@@ -43,6 +43,11 @@ class Option:
     kwargs: dict = field(hash=False)
     params: Callable[[bool], set[str]] = field(hash=False)
     kinds: tuple[str, ...] = ALL_KINDS
+    scale: float | None = None  # the scale the option gives; None: alpha / r
+
+    @property
+    def expected_scale(self) -> float:
+        return self.kwargs["alpha"] / self.kwargs["r"] if self.scale is None else self.scale
 
     def config(self, **overrides) -> lyco.AdapterConfig:
         kw = {"target_modules": ["layer"], "init_weights": False, **self.kwargs, **overrides}
@@ -50,8 +55,14 @@ class Option:
 
 
 OPTIONS = [
-    Option("full", "diff", {"r": 1, "alpha": 1}, lambda sp: {"diff", "diff_b"}),  # every test layer has a bias
+    Option("full", "diff", {"r": 4, "alpha": 3}, lambda sp: {"diff", "diff_b"}, scale=1.0),  # every layer has a bias
     Option("lora", "plain", {"r": 2, "alpha": 6}, lambda sp: LORA),
+    Option("lora", "rslora_scalar", {"r": 4, "alpha": 6, "use_rslora": True, "use_scalar": True},
+           lambda sp: LORA | {"scalar"}, scale=3.0),  # alpha / √r; init_weights=False: scalar 1
+    Option("loha", "rslora", {"r": 4, "alpha": 16, "use_rslora": True}, lambda sp: HADA, scale=8.0),
+    Option("lokr", "full_matrix", {"r": 2, "alpha": 3, "full_matrix": True}, lambda sp: {"lokr_w1", "lokr_w2"},
+           scale=1.0),
+    Option("lokr", "scalar", {"r": 2, "alpha": 3, "use_scalar": True}, lambda sp: {"lokr_w1", "scalar"} | LOKR_W2_LOW),
     Option("lora", "tucker", {"r": 2, "alpha": 6, "use_effective_conv2d": True},
            lambda sp: LORA | ({"lora_mid"} if sp else set()), CONV_KINDS),
     Option("loha", "plain", {"r": 2, "alpha": 16}, lambda sp: HADA),
@@ -72,7 +83,7 @@ ZERO_INITS = [
     pytest.param(o, k, init, id=f"{o.method}-{o.name}-{k}-{init}")
     for o in OPTIONS
     for k in o.kinds
-    for init in ((True, "lycoris") if o.method == "lokr" else (True,))
+    for init in ((True, "lycoris") if o.method == "lokr" and not o.kwargs.get("use_scalar") else (True,))
 ]
 
 
@@ -84,7 +95,7 @@ def naive_delta(opt: Option, base: nn.Module, adapter: nn.Module) -> torch.Tenso
     """The seed formulas, written out here, laid out like the base weight."""
     p = dict(adapter.named_parameters())
     shape = canonical(base, base.weight).shape
-    scale = opt.kwargs["alpha"] / opt.kwargs["r"]
+    scale = opt.expected_scale
     if opt.method == "full":
         return canonical(base, p["diff"] * scale)
     if opt.method == "lora":
@@ -133,10 +144,8 @@ def test_parameters_follow_the_plan(opt, kind):
     _, layer = adapt(kind, opt.config())
     adapter = layer.lyco_adapters["default"]
     assert {n for n, _ in adapter.named_parameters()} == opt.params(spatial(layer.base_layer))
-    assert set(adapter.plan.param_shapes().items()) == {
-        (n, tuple(q.shape)) for n, q in adapter.named_parameters()
-    }
-    assert layer.scaling["default"] == opt.kwargs["alpha"] / opt.kwargs["r"]
+    assert set(adapter.plan.param_shapes().items()) == {(n, tuple(q.shape)) for n, q in adapter.tensors().items()}
+    assert layer.scaling["default"] == pytest.approx(opt.expected_scale)
     assert not any(q.requires_grad for q in layer.base_layer.parameters())
     assert all(q.requires_grad for q in adapter.parameters())
 
@@ -162,9 +171,9 @@ def test_delta_equals_naive_formula(opt, kind):
     got = layer.get_delta_weight("default")
     want = naive_delta(opt, layer.base_layer, layer.lyco_adapters["default"])
     torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
-    # the adapter's own delta is unscaled and canonical; the layer applies alpha / r once
+    # the adapter's own delta is unscaled and canonical; the layer applies its scale once
     unscaled = canonical(layer.base_layer, layer.lyco_adapters["default"].delta_weight())
-    torch.testing.assert_close(got, unscaled * opt.kwargs["alpha"] / opt.kwargs["r"], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(got, unscaled * opt.expected_scale, atol=ATOL, rtol=RTOL)
 
 
 # -- merge ------------------------------------------------------------------------------------------

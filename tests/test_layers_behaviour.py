@@ -18,7 +18,8 @@ METHODS = {"lora": lyco.LoRAConfig, "loha": lyco.LoHaConfig, "lokr": lyco.LoKrCo
 GRID = [pytest.param(m, k, id=f"{m}-{k}") for m in METHODS for k in LAYER_KINDS]
 # (method, extra config, whether kept rows are rescaled by 1 / kept fraction)
 RESCALE = [
-    pytest.param("loha", {}, True, id="loha-always-rescales"),
+    pytest.param("loha", {}, True, id="loha-default-rescales"),  # PEFT's LoHa always rescales
+    pytest.param("loha", {"rank_dropout_scale": False}, False, id="loha-no-rescale"),  # lycoris-lora's default
     pytest.param("lokr", {}, False, id="lokr-default-no-rescale"),
     pytest.param("lokr", {"rank_dropout_scale": True}, True, id="lokr-rank_dropout_scale"),
     pytest.param("full", {}, False, id="full-default-no-rescale"),  # lycoris-lora's full: rank_dropout_scale=False

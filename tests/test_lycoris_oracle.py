@@ -43,6 +43,15 @@ CASES = [
     # factor 8: small gets lokr_w1 (1, 2), lokr_w2 (8, 2, 3, 3) — not what factorization(8) gives
     ("lokr-factor8-full", {"algo": "lokr", "factor": 8, "full_matrix": True, **R2}, (), SPLIT_BUG),
     ("lokr-tucker-w1-full", {"algo": "lokr", "use_tucker": True, **R1}, (), CP_BUG),
+    # use_scalar: lycoris-lora folds the (random) scalar into the first factor on save; lyco loads it as 1
+    ("lora-scalar", {"algo": "lora", "use_scalar": True, **R2}, (), None),
+    ("loha-scalar", {"algo": "loha", "use_scalar": True, **R2}, (), None),
+    ("lokr-scalar", {"algo": "lokr", "use_scalar": True, **R2}, (), None),
+    # rs_lora: files store alpha·√r. net.small is full–full at r=2, where lycoris-lora's own forward scales by
+    # √r but its file (and every reader) by 1 — excluded (lyco keeps scale 1 there, as its files say)
+    ("loha-rs", {"algo": "loha", "rs_lora": True, **R2}, (), None),
+    ("lokr-rs", {"algo": "lokr", "rs_lora": True, **R2}, ("net.small",), None),
+    ("lokr-unbalanced", {"algo": "lokr", "unbalanced_factorization": True, **R1}, (), SPLIT_BUG),
 ]  # fmt: skip
 IDS = [c[0] for c in CASES]
 
@@ -113,6 +122,13 @@ NATIVE = [
                                        alpha_pattern={"conv1d": 4.0}, init_weights=False)),
     ("lokr-both-cp", lyco.LoKrConfig(r=1, alpha=3, target_modules=LAYERS[1:], decompose_both=True,
                                       use_effective_conv2d=True, init_weights=False)),
+    # init_weights=False starts the scalar at 1; the test sets it to 0.7 before saving (folded into the file)
+    ("lora-scalar-tucker", lyco.LoRAConfig(r=2, alpha=3, target_modules=LAYERS, use_scalar=True,
+                                            use_effective_conv2d=True, init_weights=False)),
+    ("loha-rslora-scalar", lyco.LoHaConfig(r=2, alpha=3, target_modules=LAYERS, use_rslora=True, use_scalar=True,
+                                            init_weights=False)),
+    ("lokr-rslora", lyco.LoKrConfig(r=2, alpha=3, target_modules=LAYERS, use_rslora=True, init_weights=False)),
+    ("lokr-full-matrix", lyco.LoKrConfig(r=2, alpha=3, target_modules=LAYERS, full_matrix=True, init_weights=False)),
 ]  # fmt: skip
 
 
@@ -121,6 +137,10 @@ def test_lyco_native_adapter_loads_in_lycoris(tmp_path, name, config):
     base = base_root()
     torch.manual_seed(3)
     model = lyco.get_model(copy.deepcopy(base), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".scalar"):
+                p.fill_(0.7)
     expected = run(model)
     assert (expected - run(base)).abs().max() > MOVED
     path = tmp_path / "a.safetensors"

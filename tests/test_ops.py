@@ -115,10 +115,12 @@ def test_infer_lokr_plan_rejects_mismatch(out, in_, kernel, r, factor, both, eff
         infer_lokr_plan({k: v for k, v in shapes.items() if k != missing}, plan.weight_shape, r=r)
 
 
-def test_infer_lokr_plan_rejects_different_ranks():
+def test_infer_lokr_plan_unequal_factor_ranks():
+    """w1 rank 2, w2 rank 3 (files ComfyUI and AUTOMATIC1111 load): the plan keeps both, alpha / r takes w2's."""
     shapes = {"lokr_w1_a": (4, 2), "lokr_w1_b": (2, 4), "lokr_w2_a": (8, 3), "lokr_w2_b": (3, 8)}
-    with pytest.raises(lyco.ShapeMismatchError, match="different ranks"):
-        infer_lokr_plan(shapes, (32, 32))
+    plan = infer_lokr_plan(shapes, (32, 32))
+    assert (plan.r, plan.w1_rank, plan.r1) == (3, 2, 2) and plan.param_shapes() == shapes
+    assert infer_lokr_plan({**shapes, "lokr_w1_a": (4, 3), "lokr_w1_b": (3, 4)}, (32, 32)).r1 is None  # equal
     with pytest.raises(lyco.ShapeMismatchError):  # w1_a / w1_b ranks disagree
         infer_lokr_plan({**shapes, "lokr_w1_b": (3, 4), "lokr_w1_a": (4, 2)}, (32, 32))
 

@@ -20,7 +20,7 @@ from .ops.layerops import SUPPORTED_LAYERS, apply_weight, from_canonical, layer_
 class Term(NamedTuple):
     """One live adapter's part of a forward: ``scale · mask ⊙ ΔW·x`` computed in ``dtype``.
 
-    ``scale``: the adapter's ``scaling``, in training times its module-dropout 0/1 factor ``(1,)``;
+    ``scale``: the adapter's ``effective_scaling`` (``scaling``, times its ``scalar``), in training times its module-dropout 0/1 factor ``(1,)``;
     ``mask``: the rank-dropout keep-mask over output channels ``(out,)`` (training) or ``None``;
     ``x``: the adapter's own input when it differs from the layer's (input dropout in training), else ``None``;
     ``factored``: the path :meth:`Adapter.select_path` chose (else ``ΔW`` is built).
@@ -271,11 +271,13 @@ class AdaptedLayer(nn.Module):
     def _factors(
         self, adapter: Adapter, device: torch.device, dtype: torch.dtype
     ) -> tuple[float | torch.Tensor, torch.Tensor | None]:
-        """``(scale, mask)`` of one adapter for this forward: ``scale`` is ``scaling``, in training times the
+        """``(scale, mask)`` of one adapter for this forward: ``scale`` is ``effective_scaling``, in training times the
         module-dropout 0/1 factor ``(1,)``; ``mask`` the rank-dropout keep-mask ``(out,)`` (training) or None.
         The 0/1 factor is a tensor, not a Python branch: no host sync, no torch.compile graph break, and
         every parameter stays in the graph (DDP needs no find_unused_parameters)."""
-        scale: float | torch.Tensor = adapter.scaling
+        scale: float | torch.Tensor = adapter.effective_scaling
+        if isinstance(scale, torch.Tensor):  # use_scalar: (1,) in the compute dtype (a (1,) fp32 would promote)
+            scale = scale.to(dtype)
         mask = None
         if self.training and adapter.rank_dropout > 0:
             mask = rank_dropout_mask(self.spec.out_features, adapter.rank_dropout, adapter.rank_dropout_scale, device, dtype)
@@ -296,7 +298,7 @@ class AdaptedLayer(nn.Module):
     def get_delta_weight(self, name: str) -> torch.Tensor:
         """Scaled ``ΔW`` of one adapter, laid out like the base layer's stored weight. No dropout."""
         adapter = self._materialised(name)
-        return from_canonical(self.spec, adapter.delta_weight() * adapter.scaling)
+        return from_canonical(self.spec, adapter.delta_weight() * adapter.effective_scaling)
 
     def _merge_dtype(self) -> torch.dtype:
         """Merge precision: fp32, or the base weight's dtype when that is wider (fp64)."""
@@ -306,15 +308,17 @@ class AdaptedLayer(nn.Module):
         """Scaled bias delta ``(out,)`` of one adapter, or ``None`` when it changes the weight only."""
         adapter = self._materialised(name)
         db = adapter.bias_delta()
-        return None if db is None else db * adapter.scaling
+        return None if db is None else db * adapter.effective_scaling
 
     def _merge_delta(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Scaled ``(ΔW, Δb)`` built in the merge precision, ``ΔW`` laid out like the base weight."""
         adapter = self._materialised(name)
         dtype = self._merge_dtype()
         db = adapter.bias_delta(dtype)
-        delta = from_canonical(self.spec, adapter.delta_weight(dtype).detach() * adapter.scaling)
-        return delta, None if db is None else db.detach() * adapter.scaling
+        scale = adapter.effective_scaling
+        scale = scale.detach().to(dtype) if isinstance(scale, torch.Tensor) else scale
+        delta = from_canonical(self.spec, adapter.delta_weight(dtype).detach() * scale)
+        return delta, None if db is None else db.detach() * scale
 
     def _merged(self, names: list[str], sign: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The base weight and bias after adding (``sign=-1``: subtracting) ``names`` one by one, exactly as

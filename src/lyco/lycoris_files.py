@@ -48,7 +48,7 @@ def adapter_file(model: LycoModel, adapter_name: str = "default") -> AdapterFile
         adapter = layer.lyco_adapters[adapter_name]
         if adapter.is_meta:
             raise FormatError(f"adapter {adapter_name!r} on {lname!r} has weights on the meta device; load them first")
-        tensors = {k: t.detach() for k, t in adapter.tensors().items()}
+        tensors = adapter.file_tensors()
         alpha = adapter.base_scaling * adapter.r  # files scale by alpha / r (e.g. rank-stabilised LoRA: alpha·√r)
         module = ModuleAdapter(method.algo, tensors, alpha, tuple(layer.spec.weight_shape))
         if module.unranked:  # files scale such a module by 1

@@ -54,8 +54,8 @@ def adapter_tensors(root: nn.Module, adapter_name: str) -> dict[str, torch.Tenso
     out: dict[str, torch.Tensor] = {}
     for lname, layer in adapted_layers(root):
         if adapter_name in layer.lyco_adapters:
-            for pname, p in layer.lyco_adapters[adapter_name].named_parameters():
-                out[f"{lname}.{pname}"] = p.detach()
+            for pname, t in layer.lyco_adapters[adapter_name].file_tensors().items():
+                out[f"{lname}.{pname}"] = t
     for wname, wrapper in saved_modules(root):
         if adapter_name in wrapper.modules_to_save:
             for k, v in wrapper.modules_to_save[adapter_name].state_dict().items():
@@ -85,7 +85,7 @@ def load_adapter_tensors(
             if adapter_name not in layer.lyco_adapters:
                 continue
             adapter = layer.lyco_adapters[adapter_name]
-            for pname, p in adapter.named_parameters():
+            for pname, p in adapter.tensors().items():
                 key = f"{lname}.{pname}"
                 t = _checked(given, key, tuple(p.shape), source, show, f"module {lname!r}")
                 assign.append((adapter, pname, t, layer.base_layer.weight.device))
@@ -111,6 +111,8 @@ def load_adapter_tensors(
                 setattr(adapter, pname, nn.Parameter(t.to(device=device, dtype=old.dtype), requires_grad=old.requires_grad))
             else:
                 old.copy_(t)
+        for adapter in {id(a): a for a, _, _, _ in assign}.values():
+            adapter.loaded()
     for clone, state in states:
         clone.load_state_dict(state)
 

@@ -147,13 +147,34 @@ def _per_module(
     return out
 
 
+def peft_fold(method: type[MethodSchema], config: AdapterConfig, path: str, source: str) -> float:
+    """lyco's scale of module ``path`` over PEFT's for the same config: the factor a PEFT folder carries in the
+    module's tensors, so that PEFT computes lyco's ``ΔW``; 1 except for options PEFT lacks (``use_rslora`` on
+    LoHa/LoKr, LoKr's ``full_matrix``), so PEFT's own folders are never touched."""
+    r = pattern_value(config.rank_pattern, path, config.r)
+    alpha = float(pattern_value(config.alpha_pattern, path, config.alpha))
+    ours, theirs = method.config_scaling(config, r, alpha), method.peft_scaling(config, r, alpha)
+    if ours == theirs:
+        return 1.0
+    if theirs == 0:
+        raise FormatError(
+            f"{source}: module {path!r} has scale {ours:g} with alpha 0, which PEFT would apply as 0; give it a "
+            "non-zero alpha (full_matrix ignores its value) or save it as a LyCORIS file"
+        )
+    return ours / theirs
+
+
 def peft_tensors(
     config: AdapterConfig, tensors: Mapping[str, torch.Tensor], source: str = "<adapter>"
 ) -> dict[str, torch.Tensor]:
     """An adapter's tensors (keyed ``<module path>.<param>``, lyco layouts) as PEFT stores them: PEFT keys and
-    layouts (the inverse of what :func:`read_peft_dir` returns)."""
+    layouts, :func:`peft_fold` folded in (the inverse of what :func:`read_peft_dir` returns)."""
     method = method_for_peft_type(config.peft_type, source)
-    tensors = _per_module(tensors, method, lambda ts, _: method.peft_layout(ts))
+
+    def to_peft(ts: dict, path: str) -> dict:
+        return method.peft_layout(method.fold_scale(ts, peft_fold(method, config, path, source)))
+
+    tensors = _per_module(tensors, method, to_peft)
     return {peft_key(k): t for k, t in renamed(tensors, method, to_peft=True).items()}
 
 
@@ -166,7 +187,8 @@ def read_peft_dir(
 ) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     """Config and tensors of a PEFT adapter folder, keyed ``<module path>.<param>`` (PEFT's prefix removed; a
     key without it is a :class:`FormatError`). With ``table`` (the model's modules),
-    1-D conv CP cores are converted from PEFT's ``(r, r, k, 1)`` to lyco's ``(r, r, k)``."""
+    1-D conv CP cores are converted from PEFT's ``(r, r, k, 1)`` to lyco's ``(r, r, k)``; the scale ratio of
+    options PEFT lacks (:func:`peft_fold`) is taken back out of the tensors."""
     folder = as_path(model_id, "adapter folder")
     folder = folder / subfolder if subfolder else folder
     cfg_path = folder / CONFIG_NAME
@@ -201,7 +223,8 @@ def read_peft_dir(
 
     def canonical(ts: dict, path: str) -> dict:
         kernel = table.kernel(path) if table is not None and path in table.shapes else None
-        return method.canonical(ts, kernel)
+        fold = peft_fold(method, config, path, str(cfg_path))
+        return method.canonical(method.fold_scale(ts, 1 / fold) if fold != 1 else ts, kernel)
 
     return config, _per_module(tensors, method, canonical)
 
@@ -212,6 +235,12 @@ def write_peft_dir(
     """Write one adapter (``tensors`` keyed ``<module path>.<param>``, lyco layouts) as a PEFT folder: weights
     (PEFT keys and layouts) then ``adapter_config.json``; returns the folder."""
     folder = as_path(folder, "folder")
+    if gaps := config.peft_gaps():
+        warnings.warn(
+            f"{folder}: {type(config).__name__} sets {gaps}, which PEFT does not have: lyco loads this folder exactly, "
+            "PEFT would build other shapes or outputs (for other tools save a LyCORIS file: lyco.save_lycoris)",
+            stacklevel=4,
+        )
     payload = config_to_json(config, base_model)
     metadata = {"format": "pt", SAVED_CONFIG: _saved_config(payload, type(config))}
     write_files(folder, {  # weights first: a kill between the renames leaves new weights, which name their config
@@ -290,7 +319,7 @@ def read_peft_adapter(
         r = pattern_value(config.rank_pattern, name, config.r)
         alpha = float(pattern_value(config.alpha_pattern, name, config.alpha))
         module = ModuleAdapter(method.algo, ts, None, table.shapes[name] if table is not None else None)
-        scale = method.config_scaling(config, r, alpha)  # what PEFT applies (alpha / r; rank-stabilised: alpha / √r)
+        scale = method.config_scaling(config, r, alpha)  # lyco's rule (read_peft_dir unfolded lyco-only options)
         if module.unranked:  # AdapterFiles scale such a module by 1
             module = module.with_scale_folded(scale, float(r))
         else:

@@ -25,6 +25,7 @@ from .config import AdapterConfig
 from .schema import MethodSchema, ShapePlan
 
 META = torch.device("meta")
+SCALAR = "scalar"  # the parameter name of ``use_scalar`` (files never hold it)
 
 
 def as_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -81,13 +82,19 @@ class Adapter(nn.Module, MethodSchema, ABC):
         self.module_dropout = float(config.module_dropout)
         self.dropout = float(config.dropout)
         self.rank_dropout_scale = bool(getattr(config, "rank_dropout_scale", self.rank_dropout_scale_default))
+        self.use_scalar = bool(getattr(config, "use_scalar", False))
         device = torch.device(device) if device is not None else torch.device("cpu")
         self.create_parameters(config, device=device, dtype=dtype if device == META else torch.float32)
         if self.plan is None:
             self.plan = ShapePlan(spec.weight_shape, r)
+        if self.use_scalar:  # after the method's own parameters: first_param() stays the method's
+            self.scalar = nn.Parameter(torch.empty(1, device=device, dtype=dtype if device == META else torch.float32))
         if device != META:
             with torch.no_grad():
-                self.reset_parameters(config.init_weights)
+                # use_scalar: every factor random, the scalar 0 (zero delta) or 1 (init_weights=False)
+                self.reset_parameters(False if self.use_scalar else config.init_weights)
+                if self.use_scalar:
+                    self.scalar.fill_(0.0 if config.init_weights else 1.0)
             if dtype is not None:
                 self.to(dtype)
 
@@ -112,8 +119,31 @@ class Adapter(nn.Module, MethodSchema, ABC):
         return self.compose_bias(self.tensors(dtype))
 
     def tensors(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """The adapter's own parameters by on-disk name, cast to ``dtype`` (differentiably)."""
-        return {name: as_dtype(p, dtype) for name, p in self._parameters.items() if p is not None}
+        """The method's parameters by on-disk name, cast to ``dtype`` (differentiably); not the ``scalar``."""
+        return {name: as_dtype(p, dtype) for name, p in self._parameters.items() if p is not None and name != SCALAR}
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors as files hold them (detached): :meth:`tensors` with the ``scalar`` folded in
+        (:meth:`fold_scale`), which files never hold."""
+        tensors = {k: t.detach() for k, t in self.tensors().items()}
+        return self.fold_scale(tensors, float(self.scalar.detach())) if self.use_scalar else tensors
+
+    def loaded(self) -> None:
+        """Called after file tensors were put into the parameters: a ``scalar`` becomes 1 (it is folded in)."""
+        if self.use_scalar:
+            with torch.no_grad():
+                if self.scalar.is_meta:
+                    self.scalar = nn.Parameter(
+                        torch.ones(1, device=self.first_param().device, dtype=self.scalar.dtype),
+                        requires_grad=self.scalar.requires_grad,
+                    )
+                else:
+                    self.scalar.fill_(1.0)
+
+    @property
+    def effective_scaling(self) -> float | torch.Tensor:
+        """``scaling``, times the trainable ``scalar`` ``(1,)`` with ``use_scalar``: what ``ΔW`` is multiplied by."""
+        return self.scaling * self.scalar if self.use_scalar else self.scaling
 
     # -- forward paths and their costs ----------------------------------------------------------
     def build_cost(self, device_type: str = "cpu") -> float:
@@ -171,8 +201,15 @@ class Adapter(nn.Module, MethodSchema, ABC):
 
     @classmethod
     def config_scaling(cls, config: AdapterConfig, r: int, alpha: float) -> float:
-        """The scale ``config`` gives an adapter of rank ``r`` and this alpha: ``alpha / r`` (methods with
-        other rules, e.g. rank-stabilised LoRA's ``alpha / √r``, override it)."""
+        """The scale ``config`` gives an adapter of rank ``r`` and this alpha: ``alpha / r``, or ``alpha / √r``
+        with ``use_rslora`` (rank-stabilised; methods with other rules override it)."""
+        return alpha / (math.sqrt(r) if getattr(config, "use_rslora", False) else r)
+
+    @classmethod
+    def peft_scaling(cls, config: AdapterConfig, r: int, alpha: float) -> float:
+        """The scale PEFT gives the same config: ``alpha / r`` (PEFT's LoHa/LoKr have neither ``use_rslora`` nor
+        ``full_matrix``). Where it differs from :meth:`config_scaling`, PEFT folders carry the ratio in the
+        tensors (:mod:`lyco.formats.peft`), so PEFT computes lyco's ``ΔW``."""
         return alpha / r
 
     # -- helpers -------------------------------------------------------------------------------
@@ -203,4 +240,5 @@ class Adapter(nn.Module, MethodSchema, ABC):
         return self.first_param().requires_grad
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}"
+        scalar = f", scalar={float(self.scalar.detach()):g}" if self.use_scalar and not self.scalar.is_meta else ""
+        return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}{scalar}"

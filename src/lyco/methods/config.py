@@ -73,7 +73,8 @@ class AdapterConfig:
     from lyco's to lyco's field (an alias field of the config, e.g. LoRA's ``lora_alpha`` → ``alpha``);
     ``lyco_only`` fields PEFT does not have are written only when they differ from their default (so PEFT
     reads lyco's folders without warnings); ``peft_fixed`` lists PEFT fields lyco reads only at the values
-    given (features lyco does not have: any other value is an error).
+    given (features lyco does not have: any other value is an error); ``peft_lacks`` the lyco-only fields
+    PEFT cannot reproduce (saving such a folder warns).
     """
 
     peft_type: ClassVar[str] = ""
@@ -81,6 +82,13 @@ class AdapterConfig:
     peft_aliases: ClassVar[dict[str, str]] = {}
     lyco_only: ClassVar[frozenset[str]] = frozenset({"dropout"})
     peft_fixed: ClassVar[dict[str, tuple[Any, ...]]] = {}
+    peft_lacks: ClassVar[frozenset[str]] = frozenset()  # lyco-only fields whose non-default value PEFT cannot compute
+
+    def peft_gaps(self) -> list[str]:
+        """The ``peft_lacks`` fields set away from their default: PEFT loads a folder of this config with other
+        shapes or outputs than lyco (lyco loads it exactly; LyCORIS files carry it to other tools)."""
+        defaults = {f.name: _default(f) for f in fields(self)}
+        return sorted(n for n in self.peft_lacks if getattr(self, n) != defaults[n])
 
     r: int = 8
     alpha: float = 8
@@ -165,6 +173,31 @@ class AdapterConfig:
             out[peft_name.get(f.name, f.name)] = value
         out["peft_type"] = self.peft_type
         return out
+
+
+@dataclass
+class LowRankConfig(AdapterConfig):
+    """Options LyCORIS gives every low-rank method (LoRA/LoCon, LoHa, LoKr).
+
+    ``use_rslora``: rank-stabilised scale ``alpha / √r`` (LyCORIS's ``rs_lora``; files store ``alpha·√r``,
+    so every reader's ``alpha / r`` gives the same scale). ``use_scalar``: a trainable scalar multiplies
+    ``ΔW`` (LyCORIS's ``use_scalar``): with ``init_weights=True`` it starts at 0 and every factor at random
+    (a zero delta that trains every factor from the first step); ``False`` starts it at 1. Files and
+    folders never hold it: it is folded into the first factor on save, and a loaded adapter's scalar is 1.
+    """
+
+    lyco_only: ClassVar[frozenset[str]] = AdapterConfig.lyco_only | {"use_rslora", "use_scalar"}
+
+    use_rslora: bool = False
+    use_scalar: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.use_scalar and not isinstance(self.init_weights, bool):
+            raise ConfigError(
+                f"{type(self).__name__}.use_scalar starts the factors at random and the scalar at 0 (init_weights="
+                f"True) or 1 (False); init_weights={self.init_weights!r} cannot be combined with it"
+            )
 
 
 def _default(f: Any) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -22,25 +23,29 @@ from ..ops.lowrank import svd_factors
 from ..ops.paths import element_cost
 from ..ops.tucker import cp_rebuild
 from .adapter import Adapter
-from .config import AdapterConfig
+from .config import LowRankConfig
 from .registry import register_method
 from .schema import FitOptions, Param, Shape, check_dense
 
 
 @dataclass
-class LoHaConfig(AdapterConfig):
+class LoHaConfig(LowRankConfig):
     """LoHa config; fields, names and defaults equal ``peft.LoHaConfig``.
 
     ``init_weights=True`` zeroes ``w2_b`` (zero initial delta); ``False`` draws every factor at random.
     ``use_effective_conv2d``: CP form (``hada_t1``/``hada_t2``) for conv kernels larger than 1.
+    ``rank_dropout_scale`` (not in PEFT): rescale the rows rank dropout keeps by the kept fraction — PEFT's
+    LoHa always does (the default here); ``False`` is lycoris-lora's default.
 
     >>> LoHaConfig(r=4, alpha=8, target_modules=["q_proj"]).r
     4
     """
 
     peft_type = "LOHA"
+    lyco_only: ClassVar[frozenset[str]] = LowRankConfig.lyco_only | {"rank_dropout_scale"}
 
     use_effective_conv2d: bool = False
+    rank_dropout_scale: bool = True  # PEFT's LoHa always rescales kept rows; lycoris-lora's default is False
 
 
 @register_method

@@ -15,6 +15,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -35,18 +36,20 @@ from ..ops.kron import (
 from ..ops.lowrank import lokr_factors, svd_factors
 from ..ops.paths import element_cost, op_overhead
 from .adapter import Adapter
-from .config import AdapterConfig
+from .config import LowRankConfig
 from .registry import register_method
 from .schema import FitOptions, Param, Shape
 
 
 @dataclass
-class LoKrConfig(AdapterConfig):
+class LoKrConfig(LowRankConfig):
     """LoKr config; fields, names and defaults equal ``peft.LoKrConfig``.
 
     ``decompose_both``: also factor ``w1`` (when ``r < max(out_l, in_l)/2``). ``decompose_factor``:
     the split factor (-1: near square root). ``rank_dropout_scale``: rescale kept rows by the kept
-    fraction. ``init_weights``: ``True`` zero ``w1`` (zero delta), ``False`` random, ``"lycoris"``
+    fraction. LyCORIS's options (not in PEFT): ``full_matrix`` — both factors full and scale 1 whatever
+    ``alpha`` says (LyCORIS's rule; without it a LoKr whose factors come out full keeps PEFT's ``alpha / r``);
+    ``unbalanced_factorization`` — ``w1`` takes the larger part of the output split. ``init_weights``: ``True`` zero ``w1`` (zero delta), ``False`` random, ``"lycoris"``
     zero ``w2`` (LyCORIS's own init).
 
     >>> LoKrConfig(r=4, decompose_both=True).decompose_factor
@@ -55,11 +58,15 @@ class LoKrConfig(AdapterConfig):
 
     peft_type = "LOKR"
     init_choices = (True, False, "lycoris")
+    lyco_only: ClassVar[frozenset[str]] = LowRankConfig.lyco_only | {"full_matrix", "unbalanced_factorization"}
+    peft_lacks: ClassVar[frozenset[str]] = frozenset({"full_matrix", "unbalanced_factorization"})  # other shapes
 
     use_effective_conv2d: bool = False
     decompose_both: bool = False
     decompose_factor: int = -1
     rank_dropout_scale: bool = False
+    full_matrix: bool = False
+    unbalanced_factorization: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -94,8 +101,8 @@ class LoKrAdapter(Adapter):
         s = self.spec
         if self.plan is None:
             self.plan = plan_lokr(
-                s.out_features, s.in_features, s.kernel, self.r,
-                config.decompose_factor, config.decompose_both, config.use_effective_conv2d,
+                s.out_features, s.in_features, s.kernel, self.r, config.decompose_factor, config.decompose_both,
+                config.use_effective_conv2d, config.full_matrix, config.unbalanced_factorization,
             )  # fmt: skip
         for name, shape in self.plan.param_shapes().items():
             self.add_param(name, shape, device, dtype)
@@ -108,6 +115,13 @@ class LoKrAdapter(Adapter):
             nn.init.zeros_(self.lokr_w2 if "lokr_w2" in names else self.lokr_w2_b)
         elif init_weights:
             nn.init.zeros_(self.lokr_w1 if "lokr_w1" in names else self.lokr_w1_a)
+
+    @classmethod
+    def config_scaling(cls, config, r: int, alpha: float) -> float:
+        """``full_matrix``: 1 (LyCORIS); otherwise ``alpha / r`` (``alpha / √r`` with ``use_rslora``)."""
+        if getattr(config, "full_matrix", False):
+            return 1.0
+        return super().config_scaling(config, r, alpha)
 
     def w1(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Left factor ``(out_l, in_l)`` in ``dtype`` (default: the parameters')."""
@@ -122,7 +136,7 @@ class LoKrAdapter(Adapter):
 
     def _w1_build(self) -> int:
         p = self.plan
-        return 0 if p.use_w1 else p.out_l * p.in_l * p.r
+        return 0 if p.use_w1 else p.out_l * p.in_l * p.w1_rank
 
     def build_cost(self, device_type: str = "cpu") -> float:
         """Low-rank factor products plus the ``o·i`` Kronecker product it writes (linear-like layers)."""
@@ -178,8 +192,8 @@ class LoKrAdapter(Adapter):
 
     @classmethod
     def rank(cls, shapes: Mapping[str, Shape]) -> int | None:
-        """The rank of the low-rank factor(s); ``None`` when both factors are full."""
-        for name in ("lokr_w1_b", "lokr_w2_b"):
+        """The rank of ``alpha / r``: ``w2``'s when it is low-rank, else ``w1``'s; ``None`` when both are full."""
+        for name in ("lokr_w2_b", "lokr_w1_b"):
             if name in shapes:
                 return int(shapes[name][0])
         return None

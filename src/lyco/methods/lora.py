@@ -26,7 +26,7 @@ from ..ops.lora_math import lora_apply, lora_delta, lora_linear
 from ..ops.lowrank import lora_factors, svd_factors
 from ..ops.paths import element_cost, op_overhead
 from .adapter import Adapter
-from .config import AdapterConfig
+from .config import LowRankConfig
 from .registry import register_method
 from .schema import FitOptions, Param, Shape, check_dense
 
@@ -42,7 +42,7 @@ _PEFT_FIXED = {
 
 
 @dataclass
-class LoRAConfig(AdapterConfig):
+class LoRAConfig(LowRankConfig):
     """LoRA / LoCon config. PEFT's names are accepted as aliases (``lora_alpha`` = ``alpha``, ``lora_dropout``
     = ``dropout``, ``init_lora_weights`` = ``init_weights``) and written to PEFT folders, so a PEFT
     ``adapter_config.json`` of a LoRA loads as it is.
@@ -62,14 +62,14 @@ class LoRAConfig(AdapterConfig):
     peft_aliases: ClassVar[dict[str, str]] = {"lora_alpha": "alpha", "lora_dropout": "dropout",
                                               "init_lora_weights": "init_weights"}  # fmt: skip
     lyco_only: ClassVar[frozenset[str]] = frozenset(
-        {"rank_dropout", "module_dropout", "rank_dropout_scale", "use_effective_conv2d"}
+        {"rank_dropout", "module_dropout", "rank_dropout_scale", "use_effective_conv2d", "use_scalar"}
     )
     peft_fixed: ClassVar[dict[str, tuple]] = _PEFT_FIXED
+    peft_lacks: ClassVar[frozenset[str]] = frozenset({"use_effective_conv2d"})  # PEFT's LoRA has no Tucker core
 
     lora_alpha: float | None = None
     lora_dropout: float | None = None
     init_lora_weights: bool | None = None
-    use_rslora: bool = False
     use_effective_conv2d: bool = False
     fan_in_fan_out: bool = False
     rank_dropout_scale: bool = False
@@ -124,9 +124,9 @@ class LoRAAdapter(Adapter):
             nn.init.zeros_(self.lora_up)
 
     @classmethod
-    def config_scaling(cls, config: LoRAConfig, r: int, alpha: float) -> float:
-        """``alpha / r``, or ``alpha / √r`` with ``use_rslora`` (rank-stabilised LoRA)."""
-        return alpha / (math.sqrt(r) if getattr(config, "use_rslora", False) else r)
+    def peft_scaling(cls, config, r: int, alpha: float) -> float:
+        """PEFT's LoRA has ``use_rslora`` too: the same rule as lyco's."""
+        return cls.config_scaling(config, r, alpha)
 
     def build_cost(self, device_type: str = "cpu") -> float:
         """The rank-``r`` product (Tucker: two contractions) and the ``ΔW``-sized tensor it writes."""

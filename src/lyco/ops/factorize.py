@@ -68,6 +68,11 @@ class LoKrPlan:
     use_w1: bool
     use_w2: bool
     use_cp: bool
+    r1: int | None = None  # w1_a/w1_b's rank where it differs from w2's (files from other tools); None: r
+
+    @property
+    def w1_rank(self) -> int:
+        return self.r if self.r1 is None else self.r1
 
     @property
     def out_features(self) -> int:
@@ -98,8 +103,8 @@ class LoKrPlan:
         if self.use_w1:
             shapes["lokr_w1"] = (self.out_l, self.in_l)
         else:
-            shapes["lokr_w1_a"] = (self.out_l, self.r)
-            shapes["lokr_w1_b"] = (self.r, self.in_l)
+            shapes["lokr_w1_a"] = (self.out_l, self.w1_rank)
+            shapes["lokr_w1_b"] = (self.w1_rank, self.in_l)
         if self.use_w2:
             shapes["lokr_w2"] = (self.out_r, self.in_r, *k)
         elif self.use_cp:
@@ -120,18 +125,24 @@ def plan_lokr(
     factor: int = -1,
     decompose_both: bool = False,
     use_effective_conv2d: bool = False,
+    full_matrix: bool = False,
+    unbalanced_factorization: bool = False,
 ) -> LoKrPlan:
     """Plan a LoKr adapter for a weight ``(out_features, in_features, *kernel)`` (PEFT's rules).
 
     ``w1`` is full unless ``decompose_both`` and ``r < max(out_l, in_l) / 2``; ``w2`` is full when
     ``r >= max(out_r, in_r) / 2``; the CP core is used for kernels with more than one element only.
+    LyCORIS's options: ``full_matrix`` makes both factors full; ``unbalanced_factorization`` swaps the output
+    split (``w1`` gets the larger part of ``out_features``).
     """
     if r <= 0:
         raise ConfigError(f"LoKr rank r must be a positive integer, got {r}")
     out_l, out_r = factorization(out_features, factor)
+    if unbalanced_factorization:
+        out_l, out_r = out_r, out_l
     in_l, in_r = factorization(in_features, factor)
-    use_w1 = not (decompose_both and r < max(out_l, in_l) / 2)
-    use_w2 = r >= max(out_r, in_r) / 2
+    use_w1 = full_matrix or not (decompose_both and r < max(out_l, in_l) / 2)
+    use_w2 = full_matrix or r >= max(out_r, in_r) / 2
     use_cp = bool(use_effective_conv2d and kernel and math.prod(kernel) > 1 and not use_w2)
     return LoKrPlan(out_l, out_r, in_l, in_r, tuple(kernel), r, use_w1, use_w2, use_cp)
 
@@ -144,7 +155,8 @@ def _mismatch(what: str, shapes: Mapping[str, Shape], weight_shape: Shape) -> Sh
 def infer_lokr_plan(shapes: Mapping[str, Shape], weight_shape: Shape, r: int | None = None) -> LoKrPlan:
     """Rebuild a :class:`LoKrPlan` from the tensor shapes of one module (loading never refactorizes).
 
-    ``r`` is only used when both factors are full matrices (the tensors then carry no rank).
+    ``r`` is only used when both factors are full matrices (the tensors then carry no rank). Low-rank
+    factors of different ranks load (ComfyUI and AUTOMATIC1111 read them; ``alpha / r`` takes ``w2``'s rank).
 
     Raises :class:`ShapeMismatchError` when the tensors are incomplete or do not compose to ``weight_shape``.
     """
@@ -179,11 +191,9 @@ def infer_lokr_plan(shapes: Mapping[str, Shape], weight_shape: Shape, r: int | N
             raise _mismatch("LoKr w1_a/w1_b", s, weight_shape)
     except KeyError as exc:
         raise ShapeMismatchError(f"LoKr tensors incomplete: missing {exc.args[0]!r} among {sorted(s)}") from None
-    ranks = {r for r in (r1, r2) if r is not None}
-    if len(ranks) > 1:
-        raise _mismatch("LoKr factors with different ranks", s, weight_shape)
-    rank = ranks.pop() if ranks else (r if r is not None else 1)
-    return LoKrPlan(out_l, out_r, in_l, in_r, kernel, rank, r1 is None, use_w2, use_cp)
+    rank = r2 if r2 is not None else r1 if r1 is not None else (r if r is not None else 1)  # alpha / r: w2's rank first
+    own_r1 = r1 if r1 is not None and r2 is not None and r1 != r2 else None
+    return LoKrPlan(out_l, out_r, in_l, in_r, kernel, rank, r1 is None, use_w2, use_cp, own_r1)
 
 
 @dataclass(frozen=True)

@@ -159,7 +159,7 @@ def lokr_factors(weight: torch.Tensor, plan: LoKrPlan) -> dict[str, torch.Tensor
     if plan.use_w1:
         out["lokr_w1"] = w1
     else:
-        out["lokr_w1_a"], out["lokr_w1_b"] = svd_factors(w1, plan.r, pad=True)
+        out["lokr_w1_a"], out["lokr_w1_b"] = svd_factors(w1, plan.w1_rank, pad=True)
     if plan.use_w2:
         out["lokr_w2"] = w2
     else:
