@@ -127,12 +127,62 @@ def test_peft_lora_folder_to_lycoris_file(tmp_path):
     torch.testing.assert_close(run(model), expected, atol=ATOL, rtol=0)
 
 
-def test_peft_dora_folder_is_a_clear_error(tmp_path):
+def _shake_magnitudes(model: nn.Module) -> None:
+    """Scale every DoRA magnitude by a random factor in [0.5, 1.5): at init the magnitude equals ‖W + s·ΔW‖, which
+    makes DoRA's output its plain-LoRA one — a comparison would then prove nothing about DoRA."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "magnitude" in name or name.endswith("dora_scale"):
+                p.mul_(torch.rand(p.shape, generator=g) + 0.5)
+
+
+DORA_CASES = [
+    ("dora", {"r": 2, "lora_alpha": 3, "target_modules": ALL, "use_dora": True}),
+    ("dora-rslora-patterns", {"r": 4, "lora_alpha": 3, "target_modules": ALL, "use_dora": True, "use_rslora": True,
+                              "rank_pattern": {"fc": 2}}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "kwargs"), DORA_CASES, ids=[c[0] for c in DORA_CASES])
+def test_peft_dora_both_ways(tmp_path, name, kwargs):
+    """PEFT's ``use_dora`` folders (``lora_magnitude_vector``: Linear ``(out,)``, conv ``(1, out, 1…)``) load in lyco
+    with PEFT's outputs and merge to them; lyco's DoRA folders load in PEFT."""
     base = base_model()
-    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["fc"], use_dora=True))
+    pm = peft_lora(base, kwargs)
+    plain = run(pm)
+    _shake_magnitudes(pm)
+    expected = run(pm)
+    assert (expected - plain).abs().max() > MOVED  # the magnitudes matter
+    pm.save_pretrained(tmp_path / "peft")
+    model = lyco.LycoModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
+    assert model.peft_config["default"].weight_decompose and model.peft_config["default"].use_dora
+    torch.testing.assert_close(run(model), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(run(copy.deepcopy(model).merge_and_unload()), expected, atol=ATOL, rtol=0)
+    torch.manual_seed(13)
+    ours = lyco.get_model(copy.deepcopy(base), lyco.LoRAConfig(init_weights=False, **kwargs)).eval()
+    _shake_magnitudes(ours)
+    want = run(ours)
+    ours.save_pretrained(tmp_path / "lyco")
+    assert json.loads((tmp_path / "lyco" / "adapter_config.json").read_text())["use_dora"] is True
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "lyco")
+    assert not [w for w in seen if "Unexpected keyword" in str(w.message)], [str(w.message) for w in seen]
+    torch.testing.assert_close(run(back), want, atol=ATOL, rtol=0)
+
+
+def test_dora_init_equals_peft(tmp_path):
+    """A fresh DoRA adapter's magnitude is PEFT's: ‖W + s·ΔW‖ per output row (here after a random LoRA init)."""
+    base = base_model()
+    pm = peft_lora(base, {"r": 2, "lora_alpha": 3, "target_modules": ALL, "use_dora": True})
     pm.save_pretrained(tmp_path)
-    with pytest.raises(lyco.FormatError, match="use_dora"):
-        lyco.LycoModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    model = lyco.LycoModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    for lname, layer in model.adapted_layers():
+        adapter = layer.lyco_adapters["default"]
+        loaded = adapter.dora_scale.detach().clone()
+        adapter.init_dora(layer._canonical_weight(torch.float32))
+        torch.testing.assert_close(adapter.dora_scale.detach(), loaded, atol=1e-5, rtol=1e-5, msg=lname)
 
 
 def test_peft_only_features_are_refused_by_name(tmp_path):

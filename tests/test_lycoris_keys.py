@@ -206,10 +206,34 @@ def test_key_naming_an_unsupported_module(tmp_path):
         lyco.load_lycoris(base, path)
 
 
-def test_dora_is_rejected(tmp_path):
+def test_dokr_file_loads_with_the_dora_formula(tmp_path):
+    """A "DoKr" file (LoKr + dora_scale): W' = m ⊙ (W + s·ΔW) / ‖W + s·ΔW‖ per output row, s = alpha / r."""
     path = tmp_path / "f.safetensors"
-    write(path, {"lycoris_fc": {**lokr_tensors(0), "dora_scale": torch.ones(16, 1)}})
-    with pytest.raises(lyco.FormatError, match="DoRA is not supported yet"):
+    t = lokr_tensors(0)
+    m = torch.rand(16, 1, generator=torch.Generator().manual_seed(3)) + 0.5
+    write(path, {"lycoris_fc": {**t, "dora_scale": m}})
+    base = tree("Net", {"fc": lambda: nn.Linear(16, 16)})
+    w = base.fc.weight.detach().clone()
+    model = lyco.load_lycoris(base, path)
+    total = w + torch.kron(t["lokr_w1"], t["lokr_w2_a"] @ t["lokr_w2_b"]) * 0.5
+    want = m * total / (total.norm(dim=1, keepdim=True) + torch.finfo(torch.float32).eps)
+    torch.testing.assert_close(model.model.fc.get_delta_weight("default"), want - w, atol=1e-5, rtol=1e-5)
+    assert model.peft_config["default"].weight_decompose and model.peft_config["default"].wd_on_out
+
+
+def test_dora_on_some_modules_only_is_a_clear_error(tmp_path):
+    path = tmp_path / "f.safetensors"
+    write(path, {"lycoris_fc": {**lokr_tensors(0), "dora_scale": torch.ones(16, 1)}, "lycoris_fc2": lokr_tensors(1)})
+    base = tree("Net", {"fc": lambda: nn.Linear(16, 16), "fc2": lambda: nn.Linear(16, 16)})
+    with pytest.raises(lyco.FormatError, match=r"mixes DoRA and plain modules.*fc2"):
+        lyco.load_lycoris(base, path)
+    assert isinstance(base.fc, nn.Linear)
+
+
+def test_dora_scale_of_the_wrong_shape_names_the_module(tmp_path):
+    path = tmp_path / "f.safetensors"
+    write(path, {"lycoris_fc": {**lokr_tensors(0), "dora_scale": torch.ones(8, 1)}})
+    with pytest.raises(lyco.ShapeMismatchError, match=r"'fc'.*dora_scale \(8, 1\)"):
         lyco.load_lycoris(tree("Net", {"fc": lambda: nn.Linear(16, 16)}), path)
 
 

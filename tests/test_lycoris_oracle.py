@@ -24,6 +24,7 @@ pytest.importorskip("lycoris")
 R2 = {"linear_dim": 2, "linear_alpha": 3, "conv_dim": 2, "conv_alpha": 3}
 R1 = {"linear_dim": 1, "linear_alpha": 3, "conv_dim": 1, "conv_alpha": 3}
 SPLIT_BUG = "lycoris-lora 4.1.3 cannot reload a LoKr whose saved split differs from its factor guess"
+WD_BUG = "lycoris-lora 4.1.3 reloads DoRA only on the output axis (make_module_from_state_dict drops wd_on_out)"
 CP_BUG = "lycoris-lora 4.1.3 cannot reload a LoKr CP (use_tucker) module whose w1 is full (rank read from w2_a)"
 
 # (id, create_lycoris kwargs, excluded modules, reason lycoris-lora cannot reload the file or None)
@@ -52,6 +53,14 @@ CASES = [
     ("loha-rs", {"algo": "loha", "rs_lora": True, **R2}, (), None),
     ("lokr-rs", {"algo": "lokr", "rs_lora": True, **R2}, ("net.small",), None),
     ("lokr-unbalanced", {"algo": "lokr", "unbalanced_factorization": True, **R1}, (), SPLIT_BUG),
+    # DoRA (lycoris_net randomises dora_scale too, so the magnitudes matter); create_lycoris spells it dora_wd
+    ("lora-dora", {"algo": "lora", "dora_wd": True, **R2}, (), None),
+    ("locon-dora-tucker", {"algo": "locon", "dora_wd": True, "use_tucker": True, **R2}, (), None),
+    ("loha-dora", {"algo": "loha", "dora_wd": True, **R2}, (), None),
+    ("lokr-dora", {"algo": "lokr", "dora_wd": True, **R2}, (), None),
+    ("lora-dora-in", {"algo": "lora", "dora_wd": True, "wd_on_output": False, **R2}, (), WD_BUG),
+    ("loha-dora-in", {"algo": "loha", "dora_wd": True, "wd_on_output": False, **R2}, (), WD_BUG),
+    ("lokr-dora-in", {"algo": "lokr", "dora_wd": True, "wd_on_output": False, **R2}, (), WD_BUG),
 ]  # fmt: skip
 IDS = [c[0] for c in CASES]
 
@@ -129,6 +138,12 @@ NATIVE = [
                                             init_weights=False)),
     ("lokr-rslora", lyco.LoKrConfig(r=2, alpha=3, target_modules=LAYERS, use_rslora=True, init_weights=False)),
     ("lokr-full-matrix", lyco.LoKrConfig(r=2, alpha=3, target_modules=LAYERS, full_matrix=True, init_weights=False)),
+    # DoRA: the test shakes dora_scale (at init it makes DoRA equal to the plain form)
+    ("lora-dora", lyco.LoRAConfig(r=2, alpha=3, target_modules=LAYERS, use_dora=True, init_weights=False)),
+    ("loha-dora-scalar", lyco.LoHaConfig(r=2, alpha=3, target_modules=LAYERS, weight_decompose=True, use_scalar=True,
+                                          init_weights=False)),
+    ("lokr-dora-cp", lyco.LoKrConfig(r=1, alpha=3, target_modules=LAYERS[1:], weight_decompose=True, decompose_both=True,
+                                      use_effective_conv2d=True, init_weights=False)),
 ]  # fmt: skip
 
 
@@ -141,6 +156,8 @@ def test_lyco_native_adapter_loads_in_lycoris(tmp_path, name, config):
         for name, p in model.named_parameters():
             if name.endswith(".scalar"):
                 p.fill_(0.7)
+            if name.endswith(".dora_scale"):
+                p.mul_(torch.rand_like(p) + 0.5)
     expected = run(model)
     assert (expected - run(base)).abs().max() > MOVED
     path = tmp_path / "a.safetensors"

@@ -5,6 +5,7 @@ here, once, for every method and layer type.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from .errors import MergeError, StateError, UnsupportedLayerError
 from .methods.adapter import Adapter
+from .ops.dora import dora_norm, dora_weight
 from .ops.layerops import SUPPORTED_LAYERS, apply_weight, from_canonical, layer_spec
 
 
@@ -23,7 +25,9 @@ class Term(NamedTuple):
     ``scale``: the adapter's ``effective_scaling`` (``scaling``, times its ``scalar``), in training times its module-dropout 0/1 factor ``(1,)``;
     ``mask``: the rank-dropout keep-mask over output channels ``(out,)`` (training) or ``None``;
     ``x``: the adapter's own input when it differs from the layer's (input dropout in training), else ``None``;
-    ``factored``: the path :meth:`Adapter.select_path` chose (else ``ΔW`` is built).
+    ``factored``: the path :meth:`Adapter.select_path` chose (else ``ΔW`` is built);
+    ``gain``: DoRA's ``g = m / ‖W + s·ΔW‖`` (shaped like ``dora_scale``; in training ``1 + keep·(g − 1)`` for
+    module dropout), or ``None``: the term then is ``g ⊙ (W + s·ΔW)·x − W·x``.
     """
 
     adapter: Adapter
@@ -32,6 +36,7 @@ class Term(NamedTuple):
     mask: torch.Tensor | None
     x: torch.Tensor | None = None
     factored: bool = False
+    gain: torch.Tensor | None = None
 
 
 def rank_dropout_mask(
@@ -80,9 +85,12 @@ def _fusable_first(rest: list[Term], x: torch.Tensor) -> bool:
     return bool(rest) and rest[0].dtype == x.dtype and rest[0].mask is None and rest[0].x is None
 
 
-def _dense_delta(terms: list[Term]) -> tuple[torch.Tensor, float, torch.Tensor | None]:
-    """``(ΔW, coeff, Δb)`` with ``coeff·ΔW = Σ scale·mask·ΔW_i`` over dense terms (canonical layout) and ``Δb =
-    Σ scale·mask·Δb_i`` (``None`` when no adapter changes the bias); a lone term with a plain-number scale and no
+def _dense_delta(
+    terms: list[Term], weight: Callable[[torch.dtype], torch.Tensor]
+) -> tuple[torch.Tensor, float, torch.Tensor | None]:
+    """``(ΔW, coeff, Δb)`` with ``coeff·ΔW = Σ scale·mask·ΔW_i`` over dense terms (canonical layout; a DoRA term
+    adds ``g ⊙ (W + scale·mask·ΔW_i) − W``, ``weight(dtype)`` giving the canonical base ``W``) and ``Δb = Σ
+    scale·mask·Δb_i`` (``None`` when no adapter changes the bias); a lone plain term with a number scale and no
     mask keeps its scale as ``coeff``, so the caller can fold it into ``torch.add(W, ΔW, alpha=coeff)`` instead
     of writing a scaled copy."""
     bias: torch.Tensor | None = None
@@ -91,13 +99,17 @@ def _dense_delta(terms: list[Term]) -> tuple[torch.Tensor, float, torch.Tensor |
         if db is not None:
             db = db * (term.scale if term.mask is None else term.mask * term.scale)
             bias = db if bias is None else bias + db
-    if len(terms) == 1 and not isinstance(terms[0].scale, torch.Tensor) and terms[0].mask is None:
-        return terms[0].adapter.delta_weight(terms[0].dtype), terms[0].scale, bias
+    lone = terms[0]
+    if len(terms) == 1 and not isinstance(lone.scale, torch.Tensor) and lone.mask is None and lone.gain is None:
+        return lone.adapter.delta_weight(lone.dtype), lone.scale, bias
     total: torch.Tensor | None = None
     for term in terms:
         delta = term.adapter.delta_weight(term.dtype)
         factor = term.scale if term.mask is None else term.mask * term.scale
         delta = delta * _along(factor, delta.dim(), 0)
+        if term.gain is not None:
+            w = weight(term.dtype)
+            delta = term.gain * (w + delta) - w
         total = delta if total is None else total + delta.to(total.dtype)
     assert total is not None
     return total, 1.0, bias
@@ -172,6 +184,9 @@ class AdaptedLayer(nn.Module):
         base = self._modules["base_layer"]
         fuse = not args and not kwargs and self.can_fuse(x)
         dense, rest = self._terms(names, x, fuse)
+        dora = [t for t in rest if t.gain is not None]
+        if dora and (dense or len(rest) > 1 or dora[0].x is not None or not dora[0].factored):
+            return self._dora_forward(x, dense, rest, args, kwargs)
         result = None
         if dense:
             result = self._dense_forward(x, dense, fuse, args, kwargs)
@@ -187,7 +202,44 @@ class AdaptedLayer(nn.Module):
         for term in rest:
             out = self._term_output(term, x, conv)
             result = result.add_(out.to(result.dtype)) if in_place else result + out.to(result.dtype)
+        if dora:  # the one live term, DoRA on the output axis: g ⊙ (W·x + s·ΔW·x) + b
+            result = self._gained(result, dora[0].gain)
         return result
+
+    def _gained(self, out: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+        """``g ⊙ (out − b) + b`` along the output channels (``gain`` shaped like an output-axis ``dora_scale``)."""
+        g = _along(gain.reshape(-1).to(out.dtype), out.dim(), self.spec.channel_dim(out.dim()))
+        bias = self._modules["base_layer"].bias
+        if bias is None:
+            return out * g
+        b = _along(bias.to(out.dtype), out.dim(), self.spec.channel_dim(out.dim()))
+        return out * g + (1 - g) * b
+
+    def _dora_forward(self, x: torch.Tensor, dense: list[Term], rest: list[Term], args: tuple, kwargs: dict) -> torch.Tensor:
+        """Several live terms with a factored (or own-input) DoRA one: the base output ``W·x + b`` is kept apart,
+        each DoRA term adds ``(g − 1) ⊙ W·x' + g ⊙ s·ΔW·x'`` on its input ``x'``, the others their own terms."""
+        base = self._modules["base_layer"]
+        result = base(x, *args, **kwargs)
+        bias = base.bias
+        channel = self.spec.channel_dim(result.dim())
+        wx = result if bias is None else result - _along(bias.to(result.dtype), result.dim(), channel)
+        if dense:
+            delta, coeff, db = _dense_delta(dense, self._canonical_weight)
+            delta = delta if coeff == 1 else delta * coeff
+            result = result + apply_weight(base, self.spec, x.to(delta.dtype), delta, db).to(result.dtype)
+        conv = partial(base._conv_forward, bias=None) if self.spec.kind == "conv" else None
+        for term in rest:
+            out = self._term_output(term, x, conv)  # a dense DoRA term's is complete: (g ⊙ (W + s·ΔW) − W)·x'
+            if term.gain is not None and term.factored:
+                g = _along(term.gain.reshape(-1).to(out.dtype), out.dim(), channel)
+                own = wx if term.x is None else apply_weight(base, self.spec, term.x, self._canonical_weight(term.x.dtype))
+                out = (g - 1) * own.to(out.dtype) + g * out
+            result = result + out.to(result.dtype)
+        return result
+
+    def _canonical_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The base weight in canonical layout ``(out, in, *k)`` and ``dtype`` (differentiable casts only)."""
+        return from_canonical(self.spec, self._modules["base_layer"].weight).to(dtype)
 
     def _terms(self, names: list[str], x: torch.Tensor, fuse: bool) -> tuple[list[Term], list[Term]]:
         """The live adapters' terms for input ``x``: dense ones on ``x`` (summed later), and the rest — factored
@@ -201,19 +253,26 @@ class AdaptedLayer(nn.Module):
             dtype = self.resolve_compute_dtype(x, adapter)
             own = F.dropout(x, adapter.dropout, training=True) if self.training and adapter.dropout > 0 else None
             path = adapter.select_path(n_rows, x.device.type, grad=grad and adapter.requires_grad, fused=fuse)
-            term = Term(adapter, dtype, *self._factors(adapter, x.device, dtype), own, path == "factored")
+            scale, mask, keep = self._factors(adapter, x.device, dtype)
+            gain = None
+            if adapter.weight_decompose:
+                gain = adapter.dora_gain(self._canonical_weight(dtype), adapter.effective_scaling)
+                gain = gain if keep is None else 1 + keep * (gain - 1)
+                path = path if adapter.wd_on_out else "dense"  # input-axis gain: on the weight
+            term = Term(adapter, dtype, scale, mask, own, path == "factored", gain)
             (rest if term.factored or own is not None else dense).append(term)
         return dense, rest
 
     def _term_output(self, term: Term, x: torch.Tensor, conv: Any) -> torch.Tensor:
-        """One term's ``scale · mask ⊙ ΔW·x`` on its own input: factored, or its ``ΔW`` applied alone."""
+        """One term's ``scale · mask ⊙ ΔW·x`` on its own input: factored (DoRA's gain left to the caller), or its
+        ``ΔW`` applied alone (DoRA: ``g ⊙ (W + s·ΔW) − W``)."""
         xin = (x if term.x is None else term.x).to(term.dtype)
         if term.factored:
             out = term.adapter.factored_delta(xin, term.scale, conv)
             if term.mask is not None:
                 out = out * _along(term.mask, out.dim(), self.spec.channel_dim(out.dim()))
             return out
-        delta, coeff, bias = _dense_delta([term._replace(x=None)])
+        delta, coeff, bias = _dense_delta([term._replace(x=None)], self._canonical_weight)
         delta = delta if coeff == 1 else delta * coeff
         return apply_weight(self._modules["base_layer"], self.spec, xin, delta, bias)
 
@@ -223,7 +282,7 @@ class AdaptedLayer(nn.Module):
         """The base output plus the summed dense terms: ``F.linear(x, W + c·ΔW, b)`` (conv alike) when fused,
         else the base layer's own call plus ``c·ΔW·x``."""
         base = self._modules["base_layer"]
-        delta, coeff, db = _dense_delta(terms)
+        delta, coeff, db = _dense_delta(terms, self._canonical_weight)
         if fuse:  # one matmul/conv with W + coeff·ΔW (and b + Δb)
             weight = torch.add(base.weight, delta.to(base.weight.dtype), alpha=coeff)
             bias = base.bias if db is None else base.bias + db.to(base.bias.dtype)
@@ -270,20 +329,21 @@ class AdaptedLayer(nn.Module):
 
     def _factors(
         self, adapter: Adapter, device: torch.device, dtype: torch.dtype
-    ) -> tuple[float | torch.Tensor, torch.Tensor | None]:
-        """``(scale, mask)`` of one adapter for this forward: ``scale`` is ``effective_scaling``, in training times the
-        module-dropout 0/1 factor ``(1,)``; ``mask`` the rank-dropout keep-mask ``(out,)`` (training) or None.
-        The 0/1 factor is a tensor, not a Python branch: no host sync, no torch.compile graph break, and
-        every parameter stays in the graph (DDP needs no find_unused_parameters)."""
+    ) -> tuple[float | torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``(scale, mask, keep)`` of one adapter for this forward: ``scale`` is ``effective_scaling``, in training
+        times the module-dropout 0/1 factor ``keep (1,)`` (else ``None``); ``mask`` the rank-dropout keep-mask
+        ``(out,)`` (training) or None. The 0/1 factor is a tensor, not a Python branch: no host sync, no
+        torch.compile graph break, and every parameter stays in the graph (DDP needs no find_unused_parameters)."""
         scale: float | torch.Tensor = adapter.effective_scaling
         if isinstance(scale, torch.Tensor):  # use_scalar: (1,) in the compute dtype (a (1,) fp32 would promote)
             scale = scale.to(dtype)
-        mask = None
+        mask = keep = None
         if self.training and adapter.rank_dropout > 0:
             mask = rank_dropout_mask(self.spec.out_features, adapter.rank_dropout, adapter.rank_dropout_scale, device, dtype)
         if self.training and adapter.module_dropout > 0:
-            scale = (torch.rand(1, device=device) > adapter.module_dropout).to(dtype) * scale
-        return scale, mask
+            keep = (torch.rand(1, device=device) > adapter.module_dropout).to(dtype)
+            scale = keep * scale
+        return scale, mask, keep
 
     def _materialised(self, name: str) -> Adapter:
         adapter = self._modules["lyco_adapters"][name]
@@ -296,9 +356,14 @@ class AdaptedLayer(nn.Module):
 
     # -- weights -----------------------------------------------------------------------------
     def get_delta_weight(self, name: str) -> torch.Tensor:
-        """Scaled ``ΔW`` of one adapter, laid out like the base layer's stored weight. No dropout."""
+        """Scaled ``ΔW`` of one adapter, laid out like the base layer's stored weight. No dropout. DoRA: what
+        merging it adds, ``m ⊙ (W + s·ΔW) / ‖W + s·ΔW‖ − W``."""
         adapter = self._materialised(name)
-        return from_canonical(self.spec, adapter.delta_weight() * adapter.effective_scaling)
+        delta = adapter.delta_weight() * adapter.effective_scaling
+        if adapter.weight_decompose:
+            w = self._canonical_weight(delta.dtype)
+            delta = dora_weight(w, delta, adapter.dora_scale.to(delta.dtype), adapter.wd_on_out) - w
+        return from_canonical(self.spec, delta)
 
     def _merge_dtype(self) -> torch.dtype:
         """Merge precision: fp32, or the base weight's dtype when that is wider (fp64)."""
@@ -311,24 +376,38 @@ class AdaptedLayer(nn.Module):
         return None if db is None else db * adapter.effective_scaling
 
     def _merge_delta(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Scaled ``(ΔW, Δb)`` built in the merge precision, ``ΔW`` laid out like the base weight."""
+        """Scaled ``(ΔW, Δb)`` built in the merge precision, ``ΔW`` canonical."""
         adapter = self._materialised(name)
         dtype = self._merge_dtype()
         db = adapter.bias_delta(dtype)
         scale = adapter.effective_scaling
         scale = scale.detach().to(dtype) if isinstance(scale, torch.Tensor) else scale
-        delta = from_canonical(self.spec, adapter.delta_weight(dtype).detach() * scale)
-        return delta, None if db is None else db.detach() * scale
+        return adapter.delta_weight(dtype).detach() * scale, None if db is None else db.detach() * scale
 
-    def _merged(self, names: list[str], sign: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _merged(
+        self, names: list[str], sign: int = 1, gains: dict[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The base weight and bias after adding (``sign=-1``: subtracting) ``names`` one by one, exactly as
-        :meth:`merge` writes them (each sum in the merge precision, rounded to the tensor's dtype); the bias is
-        ``None`` when no adapter changes it."""
+        :meth:`merge` writes them (each step in the merge precision, rounded to the tensor's dtype); the bias is
+        ``None`` when no adapter changes it. A DoRA adapter maps ``W`` to ``g ⊙ (W + s·ΔW)`` with ``g`` from the
+        weight so far (recorded in ``gains`` when given), and back with the gain its merge recorded."""
         base = self._modules["base_layer"]
         weight, bias, dt = base.weight.data, None, self._merge_dtype()
         for name in names:
             delta, db = self._merge_delta(name)
-            weight = (weight.to(dt) + sign * delta).to(weight.dtype)
+            adapter = self.lyco_adapters[name]
+            w = from_canonical(self.spec, weight).to(dt)
+            if not adapter.weight_decompose:
+                new = w + sign * delta
+            elif sign > 0:
+                total = w + delta
+                gain = adapter.dora_scale.detach().to(dt) / dora_norm(total, adapter.wd_on_out)
+                new = gain * total
+                if gains is not None:
+                    gains[name] = gain
+            else:
+                new = w / adapter.merge_gain.to(dt) - delta
+            weight = from_canonical(self.spec, new).to(weight.dtype)
             if db is not None:
                 bias = base.bias.data if bias is None else bias
                 bias = (bias.to(dt) + sign * db).to(bias.dtype)
@@ -378,15 +457,22 @@ class AdaptedLayer(nn.Module):
             self.check_merge(names)
         else:
             self.check_mergeable()
+        gains: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            self._write(*self._merged(names))
+            self._write(*self._merged(names, gains=gains))
+        for name, gain in gains.items():  # DoRA: what unmerge divides by
+            self.lyco_adapters[name].merge_gain = gain
         self.merged_adapters.extend(names)
 
     def unmerge(self) -> None:
-        """Subtract every merged adapter from the base weight (and bias), last merged first."""
+        """Subtract every merged adapter from the base weight (and bias), last merged first (a DoRA adapter:
+        divide by the gain its merge applied, then subtract)."""
         with torch.no_grad():
             while self.merged_adapters:
-                self._write(*self._merged([self.merged_adapters.pop()], sign=-1))
+                name = self.merged_adapters.pop()
+                self._write(*self._merged([name], sign=-1))
+                if self.lyco_adapters[name].weight_decompose:
+                    self.lyco_adapters[name].merge_gain = None
 
     # -- scale -------------------------------------------------------------------------------
     def check_scalable(self, names: list[str]) -> None:

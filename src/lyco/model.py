@@ -32,7 +32,7 @@ from .methods.config import AdapterConfig, pattern_value
 from .methods.registry import adapter_class_for
 from .model_io import AdapterIO, as_module, names_arg
 from .modules_to_save import ModulesToSaveWrapper
-from .ops.layerops import SUPPORTED_LAYERS, layer_spec
+from .ops.layerops import SUPPORTED_LAYERS, from_canonical, layer_spec
 from .sharding import check_not_sharded_for_adapters, check_unsharded
 from .targeting import bypassed, check_modules_to_save, default_target_modules, find_targets
 from .tree import (
@@ -197,6 +197,8 @@ class LycoModel(AdapterIO):
                 )
             except (ShapeMismatchError, ConfigError) as exc:  # name the module (nothing is modified yet)
                 raise type(exc)(f"module {name!r}: {exc}") from None
+            if adapter.weight_decompose and not adapter.is_meta and not weight.is_meta:
+                adapter.init_dora(from_canonical(spec, weight))
             created.append((name, module, adapter))
         to_save = check_modules_to_save(self.model, config.modules_to_save, skip)
         clash = sorted(set(to_save) & {n for n, _, _ in created})

@@ -85,7 +85,7 @@ def load_adapter_tensors(
             if adapter_name not in layer.lyco_adapters:
                 continue
             adapter = layer.lyco_adapters[adapter_name]
-            for pname, p in adapter.tensors().items():
+            for pname, p in adapter.file_params().items():
                 key = f"{lname}.{pname}"
                 t = _checked(given, key, tuple(p.shape), source, show, f"module {lname!r}")
                 assign.append((adapter, pname, t, layer.base_layer.weight.device))

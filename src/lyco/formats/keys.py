@@ -82,7 +82,7 @@ PIPELINE_ATTRS = {"unet": "unet", "transformer": "transformer", "text_encoder": 
 
 # Per-module keys that belong to no method: the module's alpha, and keys lyco knows but cannot use yet.
 EXTRA_KEYS = ("alpha",)
-UNSUPPORTED_KEYS = {"dora_scale": "a DoRA 'dora_scale': DoRA is not supported yet"}
+UNSUPPORTED_KEYS: dict[str, str] = {}  # key suffix → why lyco cannot use it (none at present)
 
 STYLES = ("lycoris", "kohya", "peft", "diffusers")
 _KOHYA = {"": "lora_unet_", "unet": "lora_unet_", "transformer": "lora_unet_", "diffusion": "lora_unet_",

@@ -84,14 +84,15 @@ def config_from_json(data: dict[str, Any], source: str) -> AdapterConfig:
                 f"{source}: {key}={data[key]!r} is a PEFT feature lyco does not have (lyco reads {key} only as one "
                 f"of {list(allowed)})"
             )
-    known = {f.name for f in dataclasses.fields(config_cls)} | set(config_cls.peft_fixed)
+    known = {f.name for f in dataclasses.fields(config_cls)} | set(config_cls.peft_fixed) | config_cls.peft_ignored
     unknown = sorted(k for k in data if k not in known and k not in PEFT_META_FIELDS)
     if unknown:
         warnings.warn(
             f"{source}: config fields lyco does not know (from a newer PEFT?) are kept but not used: {unknown}",
             stacklevel=4,
         )
-    kwargs = {k: v for k, v in data.items() if k in known and k not in config_cls.peft_fixed}
+    skip = set(config_cls.peft_fixed) | config_cls.peft_ignored
+    kwargs = {k: v for k, v in data.items() if k in known and k not in skip}
     try:
         config = config_cls(**kwargs)
     except (ConfigError, TypeError) as exc:
@@ -224,6 +225,7 @@ def read_peft_dir(
     def canonical(ts: dict, path: str) -> dict:
         kernel = table.kernel(path) if table is not None and path in table.shapes else None
         fold = peft_fold(method, config, path, str(cfg_path))
+        ts = method.from_peft_layout(ts)
         return method.canonical(method.fold_scale(ts, 1 / fold) if fold != 1 else ts, kernel)
 
     return config, _per_module(tensors, method, canonical)

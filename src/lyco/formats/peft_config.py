@@ -23,7 +23,8 @@ from typing import Any
 from ..errors import FormatError, ShapeMismatchError
 from ..methods.config import AdapterConfig, pattern_value
 from ..methods.registry import METHODS
-from ..methods.schema import MethodSchema
+from ..methods.schema import DORA, MethodSchema
+from ..ops.dora import gain_shape
 from .adapterfile import AdapterFile
 from .metadata import effective_alpha
 
@@ -68,6 +69,30 @@ def _patterns(values: dict[str, float], default: float) -> dict[str, float]:
     return {re.escape(n): values[n] for n in names}
 
 
+def _dora_options(af: AdapterFile, weight_shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """``weight_decompose`` / ``wd_on_out`` when the modules carry DoRA magnitudes (all of them, on one axis:
+    a lyco adapter's DoRA is one setting)."""
+    axes: dict[str, bool] = {}
+    for name, m in af.modules.items():
+        if DORA.name not in m.tensors:
+            continue
+        got, shape = tuple(m.tensors[DORA.name].shape), tuple(weight_shapes[name])
+        axis = [on for on in (True, False) if got == gain_shape(shape, on)]
+        if not axis:
+            raise ShapeMismatchError(
+                f"module {name!r}: dora_scale {got} fits neither axis of a layer weight {shape} "
+                f"({gain_shape(shape, True)} or {gain_shape(shape, False)})"
+            )
+        axes[name] = axis[0]
+    if not axes:
+        return {}
+    plain = sorted(set(af.modules) - set(axes))
+    if plain or len(set(axes.values())) > 1:
+        what = f"DoRA and plain modules ({plain[:4]})" if plain else "DoRA on the output axis and on the input axis"
+        raise FormatError(f"the adapter mixes {what}; a lyco adapter applies DoRA to all its modules on one axis")
+    return {"weight_decompose": True, "wd_on_out": next(iter(axes.values()))}
+
+
 def fit_config(af: AdapterFile, weight_shapes: dict[str, tuple[int, ...]], default_r: int | None = None) -> ConfigFit:
     """Plans, per-module ranks/alphas and a config of the file's method (``target_modules`` = the module
     names) for ``af``; ``weight_shapes``: per module name, the layer's canonical weight shape.
@@ -85,6 +110,7 @@ def fit_config(af: AdapterFile, weight_shapes: dict[str, tuple[int, ...]], defau
     factored = Counter(m.rank for m in af.modules.values() if m.rank is not None)
     base_r = factored.most_common(1)[0][0] if factored else (default_r or 1)
     plans, options, problems = method.fit_config(plans, base_r)
+    options.update(_dora_options(af, weight_shapes))
     ranks = {name: p.r for name, p in plans.items()}
     alphas = {name: effective_alpha(af.modules[name].rank, af.modules[name].alpha, ranks[name]) for name in plans}
     r = Counter(ranks.values()).most_common(1)[0][0]

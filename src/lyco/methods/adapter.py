@@ -19,13 +19,15 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ShapeMismatchError
+from ..ops.dora import dora_norm, gain_shape
 from ..ops.layerops import LayerSpec
 from ..ops.paths import call_costs, choose_path, element_cost
 from .config import AdapterConfig
-from .schema import MethodSchema, ShapePlan
+from .schema import DORA, MethodSchema, ShapePlan
 
 META = torch.device("meta")
 SCALAR = "scalar"  # the parameter name of ``use_scalar`` (files never hold it)
+_SHARED = (SCALAR, DORA.name)  # parameters every method may have, kept by Adapter itself
 
 
 def as_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -83,12 +85,21 @@ class Adapter(nn.Module, MethodSchema, ABC):
         self.dropout = float(config.dropout)
         self.rank_dropout_scale = bool(getattr(config, "rank_dropout_scale", self.rank_dropout_scale_default))
         self.use_scalar = bool(getattr(config, "use_scalar", False))
+        self.weight_decompose = bool(getattr(config, "weight_decompose", False))
+        self.wd_on_out = bool(getattr(config, "wd_on_out", True))
+        if self.weight_decompose and not self.supports_dora:
+            raise ConfigError(f"{type(self).__name__}: weight_decompose (DoRA) is not available for this method")
         device = torch.device(device) if device is not None else torch.device("cpu")
         self.create_parameters(config, device=device, dtype=dtype if device == META else torch.float32)
         if self.plan is None:
             self.plan = ShapePlan(spec.weight_shape, r)
-        if self.use_scalar:  # after the method's own parameters: first_param() stays the method's
-            self.scalar = nn.Parameter(torch.empty(1, device=device, dtype=dtype if device == META else torch.float32))
+        # after the method's own parameters, so first_param() stays the method's
+        pdtype = dtype if device == META else torch.float32
+        if self.use_scalar:
+            self.scalar = nn.Parameter(torch.empty(1, device=device, dtype=pdtype))
+        self.merge_gain: torch.Tensor | None = None  # DoRA: the gain the layer's merge applied (unmerge divides)
+        if self.weight_decompose:  # set from the base weight by init_dora(), or loaded from a file
+            self.dora_scale = nn.Parameter(torch.ones(gain_shape(spec.weight_shape, self.wd_on_out), device=device, dtype=pdtype))
         if device != META:
             with torch.no_grad():
                 # use_scalar: every factor random, the scalar 0 (zero delta) or 1 (init_weights=False)
@@ -119,17 +130,47 @@ class Adapter(nn.Module, MethodSchema, ABC):
         return self.compose_bias(self.tensors(dtype))
 
     def tensors(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """The method's parameters by on-disk name, cast to ``dtype`` (differentiably); not the ``scalar``."""
-        return {name: as_dtype(p, dtype) for name, p in self._parameters.items() if p is not None and name != SCALAR}
+        """The method's own factors by on-disk name, cast to ``dtype`` (differentiably): not the shared
+        ``scalar`` and ``dora_scale``."""
+        return {name: as_dtype(p, dtype) for name, p in self._parameters.items() if p is not None and name not in _SHARED}
+
+    def file_params(self) -> dict[str, nn.Parameter]:
+        """Every parameter files hold, by name: the factors and DoRA's ``dora_scale`` (not the ``scalar``)."""
+        return {name: p for name, p in self._parameters.items() if p is not None and name != SCALAR}
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
-        """The tensors as files hold them (detached): :meth:`tensors` with the ``scalar`` folded in
-        (:meth:`fold_scale`), which files never hold."""
+        """The tensors as files hold them (detached): the factors with the ``scalar`` folded in
+        (:meth:`fold_scale`; files never hold it), and ``dora_scale``."""
         tensors = {k: t.detach() for k, t in self.tensors().items()}
-        return self.fold_scale(tensors, float(self.scalar.detach())) if self.use_scalar else tensors
+        if self.use_scalar:
+            tensors = self.fold_scale(tensors, float(self.scalar.detach()))
+        if self.weight_decompose:
+            tensors[DORA.name] = self.dora_scale.detach()
+        return tensors
+
+    # -- DoRA -----------------------------------------------------------------------------------------
+    def weight_norm(self, weight: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+        """``‖W + scale·ΔW‖ + ε`` along DoRA's axis (shape of ``dora_scale``), no gradient, for a canonical base
+        ``weight`` in the compute dtype. Default: builds ``W + scale·ΔW`` once (one weight-sized tensor);
+        methods with a cheaper identity override it."""
+        with torch.no_grad():
+            total = weight + self.delta_weight(weight.dtype) * scale
+            return dora_norm(total, self.wd_on_out)
+
+    def init_dora(self, weight: torch.Tensor) -> None:
+        """``dora_scale = ‖W + s·ΔW‖`` for the canonical base ``weight`` (PEFT's rule: the adapted layer starts
+        equal to its plain-LoRA form; with the zero init that is ``‖W‖``)."""
+        with torch.no_grad():
+            w = weight.detach().to(torch.float32)
+            self.dora_scale.copy_(self.weight_norm(w, float(self.scaling)).to(self.dora_scale.dtype))
+
+    def dora_gain(self, weight: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+        """``g = m / ‖W + scale·ΔW‖`` shaped like ``dora_scale``, in ``weight``'s dtype; the norm is a constant for
+        autograd (gradients reach ``m``, and ``ΔW`` through the term it multiplies)."""
+        return as_dtype(self.dora_scale, weight.dtype) / self.weight_norm(weight, scale)
 
     def loaded(self) -> None:
-        """Called after file tensors were put into the parameters: a ``scalar`` becomes 1 (it is folded in)."""
+        """Called after file tensors were put into the parameters: a ``scalar`` becomes 1 (files fold it in)."""
         if self.use_scalar:
             with torch.no_grad():
                 if self.scalar.is_meta:

@@ -83,6 +83,7 @@ class AdapterConfig:
     lyco_only: ClassVar[frozenset[str]] = frozenset({"dropout"})
     peft_fixed: ClassVar[dict[str, tuple[Any, ...]]] = {}
     peft_lacks: ClassVar[frozenset[str]] = frozenset()  # lyco-only fields whose non-default value PEFT cannot compute
+    peft_ignored: ClassVar[frozenset[str]] = frozenset()  # PEFT fields that act only through a peft_fixed one
 
     def peft_gaps(self) -> list[str]:
         """The ``peft_lacks`` fields set away from their default: PEFT loads a folder of this config with other
@@ -184,12 +185,20 @@ class LowRankConfig(AdapterConfig):
     ``ΔW`` (LyCORIS's ``use_scalar``): with ``init_weights=True`` it starts at 0 and every factor at random
     (a zero delta that trains every factor from the first step); ``False`` starts it at 1. Files and
     folders never hold it: it is folded into the first factor on save, and a loaded adapter's scalar is 1.
+    ``weight_decompose``: DoRA — ``W' = m ⊙ (W + s·ΔW) / ‖W + s·ΔW‖`` with a trainable magnitude ``m`` (files:
+    ``dora_scale``; PEFT's LoRA ``use_dora``, ``lora_magnitude_vector``) initialised from the base weight, the
+    norm per output row (``wd_on_out=True``, PEFT's only choice) or per input column (``False``), treated as a
+    constant in the backward pass (PEFT, the DoRA paper §4.3).
     """
 
-    lyco_only: ClassVar[frozenset[str]] = AdapterConfig.lyco_only | {"use_rslora", "use_scalar"}
+    lyco_only: ClassVar[frozenset[str]] = AdapterConfig.lyco_only | {"use_rslora", "use_scalar", "weight_decompose",
+                                                                     "wd_on_out"}
+    peft_lacks: ClassVar[frozenset[str]] = frozenset({"weight_decompose"})  # PEFT has DoRA on LoRA only
 
     use_rslora: bool = False
     use_scalar: bool = False
+    weight_decompose: bool = False
+    wd_on_out: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

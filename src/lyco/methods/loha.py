@@ -63,6 +63,7 @@ class LoHaAdapter(Adapter):
     param_names = tuple(p.name for p in params)
     required = (("hada_w1_a",), ("hada_w1_b",), ("hada_w2_a",), ("hada_w2_b",))
     pairs = (("hada_t1", "hada_t2"), ("hada_t2", "hada_t1"))
+    supports_dora = True
     rank_dropout_scale_default = True  # PEFT's LoHa always rescales kept rows
 
     # -- module --------------------------------------------------------------------------------
@@ -112,7 +113,7 @@ class LoHaAdapter(Adapter):
 
     @classmethod
     def infer_plan(cls, shapes: Mapping[str, Shape], weight_shape: Shape, r: int | None = None) -> LoHaPlan:
-        return infer_loha_plan(shapes, weight_shape)
+        return infer_loha_plan(cls.factor_shapes(shapes), weight_shape)
 
     @classmethod
     def compose(cls, tensors: Mapping[str, torch.Tensor], plan: LoHaPlan | None) -> torch.Tensor:

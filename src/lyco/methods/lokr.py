@@ -59,7 +59,7 @@ class LoKrConfig(LowRankConfig):
     peft_type = "LOKR"
     init_choices = (True, False, "lycoris")
     lyco_only: ClassVar[frozenset[str]] = LowRankConfig.lyco_only | {"full_matrix", "unbalanced_factorization"}
-    peft_lacks: ClassVar[frozenset[str]] = frozenset({"full_matrix", "unbalanced_factorization"})  # other shapes
+    peft_lacks: ClassVar[frozenset[str]] = LowRankConfig.peft_lacks | {"full_matrix", "unbalanced_factorization"}
 
     use_effective_conv2d: bool = False
     decompose_both: bool = False
@@ -93,6 +93,7 @@ class LoKrAdapter(Adapter):
              ("lokr_w2_b", "lokr_w2_a"), ("lokr_t2", "lokr_w2_a"))  # fmt: skip
     exclusive = (("lokr_w1", "lokr_w1_a"), ("lokr_w2", "lokr_w2_a"))
     unranked = "both LoKr factors full"
+    supports_dora = True
     rank_dropout_scale_default = False
     factored_conv = True
 
@@ -214,7 +215,7 @@ class LoKrAdapter(Adapter):
 
     @classmethod
     def infer_plan(cls, shapes: Mapping[str, Shape], weight_shape: Shape, r: int | None = None) -> LoKrPlan:
-        return infer_lokr_plan(shapes, weight_shape, r)
+        return infer_lokr_plan(cls.factor_shapes(shapes), weight_shape, r)
 
     @classmethod
     def compose(cls, tensors: Mapping[str, torch.Tensor], plan: LoKrPlan) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..ops.dora import lora_row_norm
 from ..ops.factorize import LoRAPlan, infer_lora_plan, plan_lora
 from ..ops.lora_math import lora_apply, lora_delta, lora_linear
 from ..ops.lowrank import lora_factors, svd_factors
@@ -32,7 +33,7 @@ from .schema import FitOptions, Param, Shape, check_dense
 
 # PEFT LoraConfig fields for features lyco does not have, readable only at their neutral values.
 _PEFT_FIXED = {
-    "bias": ("none",), "lora_bias": (False,), "use_dora": (False,), "use_qalora": (False,), "use_bdlora": (None, False),
+    "bias": ("none",), "lora_bias": (False,), "use_qalora": (False,), "use_bdlora": (None, False),
     "layer_replication": (None,), "target_parameters": (None, []), "trainable_token_indices": (None,),
     "loftq_config": ({}, None), "eva_config": (None,), "corda_config": (None,), "lora_ga_config": (None,),
     "megatron_config": (None,), "alora_invocation_tokens": (None,), "arrow_config": (None,), "kasa_config": (None,),
@@ -60,12 +61,13 @@ class LoRAConfig(LowRankConfig):
     # read, not initialised); creating a fresh adapter with one is an error naming it.
     init_choices = (True, False, "gaussian", "pissa", "olora", "loftq", "eva", "corda", "orthogonal", "lora_ga")
     peft_aliases: ClassVar[dict[str, str]] = {"lora_alpha": "alpha", "lora_dropout": "dropout",
-                                              "init_lora_weights": "init_weights"}  # fmt: skip
+                                              "init_lora_weights": "init_weights", "use_dora": "weight_decompose"}  # fmt: skip
     lyco_only: ClassVar[frozenset[str]] = frozenset(
-        {"rank_dropout", "module_dropout", "rank_dropout_scale", "use_effective_conv2d", "use_scalar"}
+        {"rank_dropout", "module_dropout", "rank_dropout_scale", "use_effective_conv2d", "use_scalar", "wd_on_out"}
     )
     peft_fixed: ClassVar[dict[str, tuple]] = _PEFT_FIXED
-    peft_lacks: ClassVar[frozenset[str]] = frozenset({"use_effective_conv2d"})  # PEFT's LoRA has no Tucker core
+    peft_ignored: ClassVar[frozenset[str]] = frozenset({"megatron_core", "qalora_group_size"})  # with megatron/QALoRA
+    peft_lacks: ClassVar[frozenset[str]] = frozenset({"use_effective_conv2d", "wd_on_out"})  # no Tucker, DoRA on out
 
     lora_alpha: float | None = None
     lora_dropout: float | None = None
@@ -73,12 +75,7 @@ class LoRAConfig(LowRankConfig):
     use_effective_conv2d: bool = False
     fan_in_fan_out: bool = False
     rank_dropout_scale: bool = False
-    use_dora: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.use_dora:
-            raise ConfigError("LoRAConfig.use_dora: DoRA (weight decomposition) is not supported by lyco yet")
+    use_dora: bool | None = None
 
 
 @register_method
@@ -96,6 +93,7 @@ class LoRAAdapter(Adapter):
     param_names = tuple(p.name for p in params)
     required = (("lora_down",), ("lora_up",))
     pairs = (("lora_mid", "lora_down"),)
+    supports_dora = True
     rank_dropout_scale_default = False
     factored_conv = True
     FACTORED_EXTRA_OPS = 1  # two thin products instead of one build + one apply
@@ -144,6 +142,17 @@ class LoRAAdapter(Adapter):
         )
         return n_rows * per_row + self.FACTORED_EXTRA_OPS * op_overhead(device_type)
 
+    def weight_norm(self, weight, scale):
+        """Output-axis norms of ``W + s·up @ down`` from the factors (:func:`lyco.ops.dora.lora_row_norm`: no
+        weight-sized tensor, ``O(out·in·r)``), in fp32; the Tucker form and the input axis build the sum."""
+        if not self.wd_on_out or self.plan.use_tucker:
+            return super().weight_norm(weight, scale)
+        with torch.no_grad():
+            t = self.tensors(torch.float32)
+            w = weight.reshape(weight.shape[0], -1).float()
+            norm = lora_row_norm(w, t["lora_down"].flatten(1), t["lora_up"].flatten(1), scale)
+            return norm.to(weight.dtype).reshape(self.dora_scale.shape)
+
     def fused_linear(self, x, weight, bias, scale):
         """The base linear and the LoRA term in one step (:func:`lyco.ops.lora_math.lora_linear`)."""
         t = self.tensors(x.dtype)
@@ -191,7 +200,7 @@ class LoRAAdapter(Adapter):
 
     @classmethod
     def infer_plan(cls, shapes: Mapping[str, Shape], weight_shape: Shape, r: int | None = None) -> LoRAPlan:
-        return infer_lora_plan(shapes, weight_shape)
+        return infer_lora_plan(cls.factor_shapes(shapes), weight_shape)
 
     @classmethod
     def compose(cls, tensors: Mapping[str, torch.Tensor], plan: LoRAPlan | None) -> torch.Tensor:

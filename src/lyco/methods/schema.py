@@ -81,6 +81,12 @@ class Param:
             raise ShapeMismatchError(f"{where} has shape {tuple(t.shape)}; {self.name} needs {want} non-empty dims")
 
 
+# DoRA's magnitude, shared by every method that supports it (``MethodSchema.supports_dora``): LyCORIS/kohya
+# ``dora_scale`` (canonical ``(out, 1, …)`` or ``(1, in, …)``), PEFT ``lora_magnitude_vector`` (``(out,)``,
+# conv ``(1, out, 1, …)``). It does not identify a method (LoRA, LoHa and LoKr files all carry it).
+DORA = Param("dora_scale", min_ndim=1, identifies=False, peft_key="lora_magnitude_vector")
+
+
 @dataclass(frozen=True)
 class ShapePlan:
     """The plan of a method without a shape plan of its own: the layer's canonical weight shape and the rank
@@ -123,13 +129,19 @@ class MethodSchema:
     exclusive: ClassVar[tuple[tuple[str, str], ...]] = ()  # never both
     unranked: ClassVar[str] = "no factored rank"  # what a module without rank is (files scale it by 1)
     stores_alpha: ClassVar[bool] = True  # files carry a 0-dim ``.alpha`` per module (False: never, e.g. Full)
+    supports_dora: ClassVar[bool] = False  # modules may carry DoRA's ``dora_scale`` (:data:`DORA`)
 
     # -- declared tensors -------------------------------------------------------------------------
     @classmethod
     def tensor_params(cls) -> dict[str, Param]:
         """Name → :class:`Param` for every tensor the method owns (``params``, else ``param_names``)."""
         declared = cls.params or tuple(Param(n) for n in cls.param_names)
-        return {p.name: p for p in declared}
+        return {p.name: p for p in (*declared, *((DORA,) if cls.supports_dora else ()))}
+
+    @classmethod
+    def factor_shapes(cls, shapes: Mapping[str, Shape]) -> dict[str, Shape]:
+        """``shapes`` without the shared extras (DoRA's magnitude): what a shape plan is inferred from."""
+        return {k: tuple(v) for k, v in shapes.items() if k != DORA.name}
 
     @classmethod
     def display(cls) -> str:
@@ -168,11 +180,30 @@ class MethodSchema:
 
     @classmethod
     def peft_layout(cls, tensors: Tensors) -> dict[str, torch.Tensor]:
-        """``tensors`` as PEFT stores them: 1-D conv CP cores ``(r, r, k)`` gain a trailing unit dim."""
+        """``tensors`` as PEFT stores them: 1-D conv CP cores ``(r, r, k)`` gain a trailing unit dim; an output-axis
+        DoRA magnitude ``(out, 1)`` is PEFT's ``(out,)``, ``(out, 1, 1…)`` its ``(1, out, 1…)`` (an input-axis
+        one, which PEFT has not, stays as it is)."""
         params = cls.tensor_params()
-        return {
+        out = {
             n: t.reshape(*t.shape, 1) if n in params and params[n].core and t.dim() == 3 else t for n, t in tensors.items()
         }
+        m = out.get(DORA.name)
+        if m is not None and m.dim() >= 2 and m.shape[1] == 1 and (m.dim() == 2 or m.shape[0] > 1):
+            out[DORA.name] = m.reshape(-1) if m.dim() == 2 else m.transpose(0, 1)
+        return out
+
+    @classmethod
+    def from_peft_layout(cls, tensors: Tensors) -> dict[str, torch.Tensor]:
+        """The inverse of :meth:`peft_layout` for PEFT's own layouts that differ from lyco's beyond conv cores
+        (read by the PEFT reader before :meth:`canonical`): the magnitude ``(out,)`` → ``(out, 1)``,
+        ``(1, out, 1…)`` → ``(out, 1, 1…)`` (PEFT's DoRA is always on the output axis)."""
+        out = dict(tensors)
+        m = out.get(DORA.name)
+        if m is not None and m.dim() == 1:
+            out[DORA.name] = m.reshape(-1, 1)
+        elif m is not None and m.dim() >= 3 and m.shape[0] == 1:
+            out[DORA.name] = m.transpose(0, 1)
+        return out
 
     # -- shapes, plan, ΔW -------------------------------------------------------------------------
     @classmethod
@@ -194,7 +225,7 @@ class MethodSchema:
         ``None`` (plan from the config) for a method without :meth:`compose`."""
         if not cls.implements("compose"):
             return None
-        meta = {n: torch.empty(s, device="meta") for n, s in shapes.items()}
+        meta = {n: torch.empty(s, device="meta") for n, s in cls.factor_shapes(shapes).items()}
         try:
             size = cls.compose(meta, None).numel()
         except (RuntimeError, KeyError, ValueError, IndexError) as exc:

@@ -1,0 +1,50 @@
+"""DoRA (weight-decomposed adaptation): the norms and gains, pure maths on canonical tensors.
+
+``W' = m ⊙ (W + ΔW) / ‖W + ΔW‖`` with the norm taken per output row (``wd_on_out``: ``m (out, 1, …)``) or per
+input column (``m (1, in, …)``), ``ΔW`` already scaled; ``ε = finfo(dtype).eps`` is added to the norm as
+lycoris-lora and ComfyUI do. The gain ``g = m / ‖W + ΔW‖`` turns the forward into ``g ⊙ (W + ΔW)·x`` — on the
+output channels (``wd_on_out``) or on the input channels (else).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def gain_shape(weight_shape: tuple[int, ...], wd_on_out: bool) -> tuple[int, ...]:
+    """Shape of ``m`` (LyCORIS's ``dora_scale``) for a canonical weight ``(out, in, *k)``: ``(out, 1, 1…)`` or
+    ``(1, in, 1…)``."""
+    ones = (1,) * (len(weight_shape) - 1)
+    return (weight_shape[0], *ones) if wd_on_out else (1, weight_shape[1], *ones[1:])
+
+
+def dora_norm(weight: torch.Tensor, wd_on_out: bool) -> torch.Tensor:
+    """``‖weight‖ + ε`` per output row ``(out, 1, …)`` (``wd_on_out``) or per input column ``(1, in, …)``, for a
+    canonical ``weight (out, in, *k)``."""
+    eps = torch.finfo(weight.dtype).eps
+    if wd_on_out:
+        norm = weight.reshape(weight.shape[0], -1).norm(dim=1)
+    else:
+        norm = weight.transpose(0, 1).reshape(weight.shape[1], -1).norm(dim=1)
+    return norm.reshape(gain_shape(tuple(weight.shape), wd_on_out)) + eps
+
+
+def lora_row_norm(
+    weight: torch.Tensor, lora_down: torch.Tensor, lora_up: torch.Tensor, scale: float | torch.Tensor
+) -> torch.Tensor:
+    """``‖W + s·up @ down‖ + ε`` per output row ``(out,)`` without building the ``(out, in)`` sum:
+    ``‖W_i‖² + 2s·⟨(W downᵀ)_i, up_i⟩ + s²·up_i (down downᵀ) up_iᵀ`` — ``O(out·in·r)`` work and ``(out, r)``
+    memory. ``weight (out, in·∏k)``, ``lora_down (r, in·∏k)``, ``lora_up (out, r)``, all in one dtype (fp32
+    or wider recommended: the sum cancels where ``ΔW ≈ −W``)."""
+    wd = weight @ lora_down.T  # (out, r)
+    gram = lora_down @ lora_down.T  # (r, r)
+    sq = weight.square().sum(1) + 2 * scale * (wd * lora_up).sum(1) + scale * scale * ((lora_up @ gram) * lora_up).sum(1)
+    return sq.clamp_min(0).sqrt() + torch.finfo(weight.dtype).eps
+
+
+def dora_weight(
+    weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, wd_on_out: bool
+) -> torch.Tensor:
+    """The merged DoRA weight ``m ⊙ (W + ΔW) / (‖W + ΔW‖ + ε)`` (canonical layout, ``delta`` scaled)."""
+    total = weight + delta
+    return total * (magnitude / dora_norm(total, wd_on_out))
