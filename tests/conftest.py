@@ -105,7 +105,19 @@ def adapt(
     )
     layer = model.model.layer
     assert isinstance(layer, lyco.AdaptedLayer)
+    if not config.init_weights:
+        shake_dora(model)
     return model, layer
+
+
+def shake_dora(model: nn.Module, seed: int = 5) -> None:
+    """Multiply every DoRA magnitude by a seeded random factor in [0.5, 1.5): a fresh one equals ‖W + s·ΔW‖, which
+    makes DoRA's output its plain form, and a comparison would then prove nothing about DoRA."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("dora_scale"):
+                p.mul_((torch.rand(p.shape, generator=g) + 0.5).to(p.dtype))
 
 
 def reference_apply(base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -63,6 +63,18 @@ OPTIONS = [
     Option("lokr", "full_matrix", {"r": 2, "alpha": 3, "full_matrix": True}, lambda sp: {"lokr_w1", "lokr_w2"},
            scale=1.0),
     Option("lokr", "scalar", {"r": 2, "alpha": 3, "use_scalar": True}, lambda sp: {"lokr_w1", "scalar"} | LOKR_W2_LOW),
+    # DoRA (conftest.adapt shakes the magnitudes so that they matter)
+    Option("lora", "dora", {"r": 2, "alpha": 6, "weight_decompose": True}, lambda sp: LORA | {"dora_scale"}),
+    Option("lora", "dora_in_tucker", {"r": 2, "alpha": 6, "weight_decompose": True, "wd_on_out": False,
+                                      "use_effective_conv2d": True},
+           lambda sp: LORA | {"dora_scale"} | ({"lora_mid"} if sp else set()), CONV_KINDS),
+    Option("loha", "dora", {"r": 2, "alpha": 16, "weight_decompose": True}, lambda sp: HADA | {"dora_scale"}),
+    Option("loha", "dora_in", {"r": 2, "alpha": 16, "weight_decompose": True, "wd_on_out": False},
+           lambda sp: HADA | {"dora_scale"}),
+    Option("lokr", "dora_scalar", {"r": 2, "alpha": 3, "weight_decompose": True, "use_scalar": True},
+           lambda sp: {"lokr_w1", "scalar", "dora_scale"} | LOKR_W2_LOW),
+    Option("lokr", "dora_in", {"r": 2, "alpha": 3, "weight_decompose": True, "wd_on_out": False},
+           lambda sp: {"lokr_w1", "dora_scale"} | LOKR_W2_LOW),
     Option("lora", "tucker", {"r": 2, "alpha": 6, "use_effective_conv2d": True},
            lambda sp: LORA | ({"lora_mid"} if sp else set()), CONV_KINDS),
     Option("loha", "plain", {"r": 2, "alpha": 16}, lambda sp: HADA),
@@ -92,7 +104,21 @@ def canonical(base: nn.Module, weight: torch.Tensor) -> torch.Tensor:
 
 
 def naive_delta(opt: Option, base: nn.Module, adapter: nn.Module) -> torch.Tensor:
-    """The seed formulas, written out here, laid out like the base weight."""
+    """The seed formulas, written out here, laid out like the base weight; DoRA: what merging adds,
+    ``m ⊙ (W + ΔW) / (‖W + ΔW‖ + ε) − W`` with the norm per output row or per input column."""
+    delta = naive_factor_delta(opt, base, adapter)
+    if not opt.kwargs.get("weight_decompose"):
+        return delta
+    w = canonical(base, base.weight).detach()
+    total = w + canonical(base, delta)
+    rows = total.reshape(total.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (total.dim() - 1))
+    cols = total.transpose(0, 1).reshape(total.shape[1], -1).norm(dim=1).reshape(1, -1, *[1] * (total.dim() - 2))
+    norm = (rows if opt.kwargs.get("wd_on_out", True) else cols) + torch.finfo(total.dtype).eps
+    return canonical(base, adapter.dora_scale * total / norm - w)
+
+
+def naive_factor_delta(opt: Option, base: nn.Module, adapter: nn.Module) -> torch.Tensor:
+    """``scale · ΔW`` of the factors by the seed formulas (the scalar, when there is one, is 1 here)."""
     p = dict(adapter.named_parameters())
     shape = canonical(base, base.weight).shape
     scale = opt.expected_scale
@@ -173,7 +199,8 @@ def test_delta_equals_naive_formula(opt, kind):
     torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
     # the adapter's own delta is unscaled and canonical; the layer applies its scale once
     unscaled = canonical(layer.base_layer, layer.lyco_adapters["default"].delta_weight())
-    torch.testing.assert_close(got, unscaled * opt.expected_scale, atol=ATOL, rtol=RTOL)
+    want = naive_factor_delta(opt, layer.base_layer, layer.lyco_adapters["default"])
+    torch.testing.assert_close(unscaled * opt.expected_scale, want, atol=ATOL, rtol=RTOL)
 
 
 # -- merge ------------------------------------------------------------------------------------------

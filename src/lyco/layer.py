@@ -15,7 +15,6 @@ from torch import nn
 
 from .errors import MergeError, StateError, UnsupportedLayerError
 from .methods.adapter import Adapter
-from .ops.dora import dora_norm, dora_weight
 from .ops.layerops import SUPPORTED_LAYERS, apply_weight, from_canonical, layer_spec
 
 
@@ -142,6 +141,7 @@ class AdaptedLayer(nn.Module):
         self.lyco_adapters = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
+        self._merge_groups: list[list[str]] = []  # the adapters of each merge() call (unmerge takes them back so)
         self.disable_adapters = False
         self.compute_dtype: str | torch.dtype = "input"
         self.fuse_dense = True
@@ -359,10 +359,11 @@ class AdaptedLayer(nn.Module):
         """Scaled ``ΔW`` of one adapter, laid out like the base layer's stored weight. No dropout. DoRA: what
         merging it adds, ``m ⊙ (W + s·ΔW) / ‖W + s·ΔW‖ − W``."""
         adapter = self._materialised(name)
-        delta = adapter.delta_weight() * adapter.effective_scaling
-        if adapter.weight_decompose:
+        scale = adapter.effective_scaling
+        delta = adapter.delta_weight() * scale
+        if adapter.weight_decompose:  # the forward's gain (its norm a constant, as in training)
             w = self._canonical_weight(delta.dtype)
-            delta = dora_weight(w, delta, adapter.dora_scale.to(delta.dtype), adapter.wd_on_out) - w
+            delta = adapter.dora_gain(w, scale) * (w + delta) - w
         return from_canonical(self.spec, delta)
 
     def _merge_dtype(self) -> torch.dtype:
@@ -387,31 +388,41 @@ class AdaptedLayer(nn.Module):
     def _merged(
         self, names: list[str], sign: int = 1, gains: dict[str, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The base weight and bias after adding (``sign=-1``: subtracting) ``names`` one by one, exactly as
-        :meth:`merge` writes them (each step in the merge precision, rounded to the tensor's dtype); the bias is
-        ``None`` when no adapter changes it. A DoRA adapter maps ``W`` to ``g ⊙ (W + s·ΔW)`` with ``g`` from the
-        weight so far (recorded in ``gains`` when given), and back with the gain its merge recorded."""
+        """The base weight and bias after merging ``names`` together (``sign=-1``: after taking back a group one
+        :meth:`merge` wrote), in the merge precision, rounded to the tensor's dtype; the bias is ``None`` when no
+        adapter changes it. Every adapter's delta is taken against the same current weight ``W₀``, as the
+        unmerged forward does: ``W₀ + Σ ΔW_i`` with a DoRA adapter's ``ΔW_i = g_i ⊙ (W₀ + s·ΔW) − W₀`` (its gain
+        recorded in ``gains``). Taking a group back solves that for ``W₀`` elementwise:
+        ``W₀ = (W − Σ g_i·s·ΔW_i − Σ ΔW_j) / (1 + Σ (g_i − 1))`` with the gains the merge recorded."""
         base = self._modules["base_layer"]
-        weight, bias, dt = base.weight.data, None, self._merge_dtype()
+        dt = self._merge_dtype()
+        w = from_canonical(self.spec, base.weight.data).to(dt)
+        bias = base.bias.data.to(dt) if base.bias is not None else None
+        shift, gain_sum, bias_shift = torch.zeros((), dtype=dt), None, None
         for name in names:
             delta, db = self._merge_delta(name)
             adapter = self.lyco_adapters[name]
-            w = from_canonical(self.spec, weight).to(dt)
-            if not adapter.weight_decompose:
-                new = w + sign * delta
-            elif sign > 0:
-                total = w + delta
-                gain = adapter.dora_scale.detach().to(dt) / dora_norm(total, adapter.wd_on_out)
-                new = gain * total
-                if gains is not None:
-                    gains[name] = gain
-            else:
-                new = w / adapter.merge_gain.to(dt) - delta
-            weight = from_canonical(self.spec, new).to(weight.dtype)
+            if adapter.weight_decompose:
+                if sign > 0:
+                    scale = adapter.effective_scaling
+                    gain = adapter.dora_gain(w, scale.detach() if isinstance(scale, torch.Tensor) else scale).detach()
+                    if gains is not None:
+                        gains[name] = gain
+                else:
+                    gain = adapter.merge_gain.to(dt)
+                delta = gain * delta if sign < 0 else gain * (w + delta) - w
+                gain_sum = gain - 1 if gain_sum is None else gain_sum + (gain - 1)
+            shift = shift + delta
             if db is not None:
-                bias = base.bias.data if bias is None else bias
-                bias = (bias.to(dt) + sign * db).to(bias.dtype)
-        return weight, bias
+                bias_shift = db if bias_shift is None else bias_shift + db
+        if sign > 0:
+            new = w + shift
+        else:
+            new = (w - shift) if gain_sum is None else (w - shift) / (1 + gain_sum)
+        weight = from_canonical(self.spec, new).to(base.weight.dtype)
+        if bias_shift is None:
+            return weight, None
+        return weight, (bias + sign * bias_shift).to(base.bias.dtype)
 
     def _write(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         base = self._modules["base_layer"]
@@ -463,15 +474,18 @@ class AdaptedLayer(nn.Module):
         for name, gain in gains.items():  # DoRA: what unmerge divides by
             self.lyco_adapters[name].merge_gain = gain
         self.merged_adapters.extend(names)
+        if names:
+            self._merge_groups.append(list(names))
 
     def unmerge(self) -> None:
-        """Subtract every merged adapter from the base weight (and bias), last merged first (a DoRA adapter:
-        divide by the gain its merge applied, then subtract)."""
+        """Take every merged adapter back out of the base weight (and bias), one :meth:`merge` call's group at a
+        time, last first (DoRA ones with the gains their merge applied)."""
         with torch.no_grad():
             while self.merged_adapters:
-                name = self.merged_adapters.pop()
-                self._write(*self._merged([name], sign=-1))
-                if self.lyco_adapters[name].weight_decompose:
+                group = self._merge_groups.pop() if self._merge_groups else [self.merged_adapters[-1]]
+                self._write(*self._merged(group, sign=-1))
+                for name in group:
+                    self.merged_adapters.remove(name)
                     self.lyco_adapters[name].merge_gain = None
 
     # -- scale -------------------------------------------------------------------------------

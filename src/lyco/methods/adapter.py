@@ -162,7 +162,9 @@ class Adapter(nn.Module, MethodSchema, ABC):
         equal to its plain-LoRA form; with the zero init that is ``‖W‖``)."""
         with torch.no_grad():
             w = weight.detach().to(torch.float32)
-            self.dora_scale.copy_(self.weight_norm(w, float(self.scaling)).to(self.dora_scale.dtype))
+            scale = self.effective_scaling  # with use_scalar, the scalar's start value (0: m = ‖W‖)
+            scale = scale.detach().float() if isinstance(scale, torch.Tensor) else scale
+            self.dora_scale.copy_(self.weight_norm(w, scale).to(self.dora_scale.dtype))
 
     def dora_gain(self, weight: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
         """``g = m / ‖W + scale·ΔW‖`` shaped like ``dora_scale``, in ``weight``'s dtype; the norm is a constant for

@@ -147,9 +147,10 @@ class LoRAAdapter(Adapter):
         weight-sized tensor, ``O(out·in·r)``), in fp32; the Tucker form and the input axis build the sum."""
         if not self.wd_on_out or self.plan.use_tucker:
             return super().weight_norm(weight, scale)
+        dtype = torch.promote_types(weight.dtype, torch.float32)  # the sum cancels: fp32 at least (fp64 stays)
         with torch.no_grad():
-            t = self.tensors(torch.float32)
-            w = weight.reshape(weight.shape[0], -1).float()
+            t = self.tensors(dtype)
+            w = weight.reshape(weight.shape[0], -1).to(dtype)
             norm = lora_row_norm(w, t["lora_down"].flatten(1), t["lora_up"].flatten(1), scale)
             return norm.to(weight.dtype).reshape(self.dora_scale.shape)
 
