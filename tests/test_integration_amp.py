@@ -86,6 +86,9 @@ METHODS = {
     "lora-scalar": lambda: lyco.LoRAConfig(r=4, use_scalar=True, use_rslora=True, target_modules=["conv", "fc1", "fc2"],
                                            init_weights=False),
     "full": lambda: lyco.FullConfig(target_modules=["conv", "fc1", "fc2"], init_weights=False),
+    "lora-dora": lambda: lyco.LoRAConfig(r=4, use_dora=True, target_modules=["conv", "fc1", "fc2"], init_weights=False),
+    "lokr-dora-in": lambda: lyco.LoKrConfig(r=2, weight_decompose=True, wd_on_out=False, target_modules=["conv", "fc1", "fc2"],
+                                            init_weights=False),
 }
 X = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(3))
 

@@ -43,6 +43,9 @@ CONFIGS = {
     "loha_scalar": lambda **kw: lyco.LoHaConfig(r=2, use_scalar=True, **kw),
     "lokr_scalar_full": lambda **kw: lyco.LoKrConfig(r=2, use_scalar=True, full_matrix=True, **kw),
     "full": lambda **kw: lyco.FullConfig(**kw),
+    "lora_dora": lambda **kw: lyco.LoRAConfig(r=2, use_dora=True, **kw),
+    "loha_dora_in": lambda **kw: lyco.LoHaConfig(r=2, weight_decompose=True, wd_on_out=False, **kw),
+    "lokr_dora": lambda **kw: lyco.LoKrConfig(r=2, weight_decompose=True, decompose_both=True, **kw),
 }
 INPUTS = (torch.randn(3, 32, generator=torch.Generator().manual_seed(1)),
           torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(2)))  # fmt: skip

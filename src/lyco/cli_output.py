@@ -126,8 +126,8 @@ def print_report(report: AdapterReport, plain: bool = False, max_value: int = 10
     if report.network_args:
         print(f"{'network args'.ljust(width)}  {report.network_args}")
     rows = [
-        (m.name, m.algo, shape_str(m.weight_shape), "full" if m.rank is None else m.rank,
-         "-" if m.alpha is None else f"{m.alpha:g}", f"{m.scale:g}", f"{m.num_params:,}", ",".join(m.dtypes))
+        (m.name, m.algo + ("" if m.dora is None else f"+dora({m.dora})"), shape_str(m.weight_shape),
+         "full" if m.rank is None else m.rank, "-" if m.alpha is None else f"{m.alpha:g}", f"{m.scale:g}", f"{m.num_params:,}", ",".join(m.dtypes))
         for m in report.modules
     ]  # fmt: skip
     cols = ["module", "algo", "weight", ">rank", ">alpha", ">scale", ">params", "dtype"]

@@ -415,10 +415,9 @@ class AdaptedLayer(nn.Module):
             shift = shift + delta
             if db is not None:
                 bias_shift = db if bias_shift is None else bias_shift + db
-        if sign > 0:
-            new = w + shift
-        else:
-            new = (w - shift) if gain_sum is None else (w - shift) / (1 + gain_sum)
+        new = w + sign * shift
+        if sign < 0 and gain_sum is not None:
+            new = new / (1 + gain_sum)
         weight = from_canonical(self.spec, new).to(base.weight.dtype)
         if bias_shift is None:
             return weight, None

@@ -17,7 +17,8 @@ import torch
 
 from ..errors import FormatError, ShapeMismatchError
 from ..methods.registry import method_for_algo
-from ..methods.schema import MethodSchema, Shape, check_dense
+from ..methods.schema import DORA, MethodSchema, Shape, check_dense
+from ..ops.dora import dora_weight, gain_shape
 
 
 @dataclass
@@ -95,9 +96,10 @@ class ModuleAdapter:
         return True
 
     def delta_weight(self, weight_shape: Shape | None = None) -> torch.Tensor:
-        """Scaled ``ΔW`` in canonical layout ``(out, in, *k)`` (fp32 maths on the tensors' device), by the same
-        formula as the method's adapter (:meth:`~lyco.methods.schema.MethodSchema.compose`). Unless a model or
-        base gave ``weight_shape``, its size is bounded (:func:`~lyco.methods.schema.check_dense`)."""
+        """Scaled ``ΔW`` of the factors in canonical layout ``(out, in, *k)`` (fp32 maths on the tensors' device),
+        by the same formula as the method's adapter (:meth:`~lyco.methods.schema.MethodSchema.compose`); a DoRA
+        module's merge also needs the base weight (:meth:`merged_weight`). Unless a model or base gave
+        ``weight_shape``, its size is bounded (:func:`~lyco.methods.schema.check_dense`)."""
         shape = tuple(weight_shape or self.guess_weight_shape())
         if self.weight_shape is None:
             check_dense(shape, self.tensors, f"{self.algo} module")
@@ -107,6 +109,30 @@ class ModuleAdapter:
         if delta.numel() != math.prod(shape):
             raise FormatError(f"{self.algo} tensors give {delta.numel()} weights, the layer has {shape}")
         return delta.reshape(shape) * self.scale()
+
+    @property
+    def dora(self) -> torch.Tensor | None:
+        """DoRA's magnitude ``dora_scale`` (canonical ``(out, 1, …)`` or ``(1, in, …)``), or ``None``."""
+        return self.tensors.get(DORA.name)
+
+    def dora_on_out(self, weight_shape: Shape | None = None) -> bool:
+        """Whether the DoRA norm runs per output row (else per input column), read off ``dora_scale``'s shape."""
+        shape = tuple(weight_shape or self.guess_weight_shape())
+        got = tuple(self.tensors[DORA.name].shape)
+        if got not in (gain_shape(shape, True), gain_shape(shape, False)):
+            raise ShapeMismatchError(f"{self.algo} module: dora_scale {got} fits neither axis of a layer weight {shape}")
+        return got == gain_shape(shape, True)
+
+    def merged_weight(self, weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """The base ``weight`` (canonical ``(out, in, *k)``) with this module merged, in fp32 (fp64 for an fp64
+        weight): ``W + scale·ΔW``, or with DoRA ``m ⊙ (W + scale·ΔW) / ‖W + scale·ΔW‖`` (the scale inside the
+        norm, as lyco's and PEFT's ``set_scale``)."""
+        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        w = weight.to(dtype)
+        delta = self.delta_weight(tuple(weight.shape)).to(dtype) * scale
+        if self.dora is None:
+            return w + delta
+        return dora_weight(w, delta, self.dora.to(dtype), self.dora_on_out(tuple(weight.shape)))
 
     def delta_bias(self) -> torch.Tensor | None:
         """Scaled bias delta ``(out,)`` in fp32, or ``None`` for a method that changes weights only

@@ -35,8 +35,8 @@ def effective_alpha(rank: int | None, alpha: float | None, r: int) -> float:
 
 def network_metadata(af: AdapterFile) -> dict[str, str]:
     """``ss_network_module/dim/alpha/args`` as kohya's trainer writes them for a LyCORIS network, computed
-    from the tensors: generic ``algo``, ``conv_dim``, ``conv_alpha``, plus each method's own args
-    (:meth:`~lyco.methods.schema.MethodSchema.network_args`)."""
+    from the tensors: generic ``algo``, ``conv_dim``, ``conv_alpha``, DoRA's ``dora_wd`` / ``wd_on_output``, plus
+    each method's own args (:meth:`~lyco.methods.schema.MethodSchema.network_args`)."""
     if not af.modules:
         return {}
     ranks = {n: m.rank for n, m in af.modules.items()}
@@ -54,6 +54,9 @@ def network_metadata(af: AdapterFile) -> dict[str, str]:
     for algo in algos:
         mods = [(m.shapes(), shapes[n]) for n, m in af.modules.items() if m.algo == algo]
         args.update(method_for_algo(algo).network_args(mods))
+    dora = {m.dora_on_out(shapes[n]) for n, m in af.modules.items() if m.dora is not None}
+    if dora:  # kohya's network_args spelling (lycoris-lora's create_lycoris reads the same names)
+        args.update(dora_wd="True", wd_on_output=str(dora.pop()) if len(dora) == 1 else "mixed")
     return {
         "ss_network_module": NETWORK_MODULE,
         "ss_network_dim": str(dim),

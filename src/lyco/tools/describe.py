@@ -40,6 +40,7 @@ class ModuleInfo:
     num_params: int
     dtypes: list[str]
     tensors: dict[str, tuple[int, ...]]
+    dora: str | None = None  # DoRA's norm axis ("out" / "in"), None without DoRA
 
 
 @dataclass
@@ -104,6 +105,7 @@ def describe(af: AdapterFile, path: str | os.PathLike) -> AdapterReport:
                 name, m.algo, m.rank, m.alpha, m.scale(), module_rule(m),
                 m.guess_weight_shape(), m.num_params(), dtypes,
                 {k: tuple(v.shape) for k, v in sorted(m.tensors.items())},
+                None if m.dora is None else ("out" if m.dora_on_out() else "in"),
             )
         )  # fmt: skip
     args = af.metadata.get("ss_network_args")

@@ -42,8 +42,9 @@ def merge_file(
     scale: float = 1.0,
     progress: Progress | None = None,
 ) -> MergeReport:
-    """Write ``out_path`` = the base state dict with ``W + scale · ΔW`` for every adapted module (and
-    ``b + scale · Δb`` where the method has a bias delta, e.g. Full's ``diff_b``).
+    """Write ``out_path`` = the base state dict with ``W + scale · ΔW`` for every adapted module (DoRA:
+    ``m ⊙ (W + scale·ΔW) / ‖W + scale·ΔW‖``) and ``b + scale · Δb`` where the method has a bias delta (Full's
+    ``diff_b``).
 
     ``base_path``: a safetensors file, or a folder of shards (``model-0000x-of-0000n.safetensors``; the
     output is then a folder with the same shards, and the folder's ``*.json`` files — shard index,
@@ -96,13 +97,12 @@ def merge_file(
                     report.copied += 1
                     continue
                 tensor = load_tensor(shard, key, hdr[key])
-                delta = adapter.modules[module].delta_weight()
-                if module in transposed:
-                    delta = delta.T
-                report.max_abs_delta = max(report.max_abs_delta, abs(scale) * float(delta.abs().max()))
-                writer.write(key, merged_weight(tensor, delta, scale))
+                canonical = tensor.T if module in transposed else tensor
+                new = adapter.modules[module].merged_weight(canonical, scale)
+                report.max_abs_delta = max(report.max_abs_delta, float((new - canonical.to(new.dtype)).abs().max()))
+                writer.write(key, (new.T if module in transposed else new).to(tensor.dtype))
                 report.merged.append(module)
-                del tensor, delta
+                del tensor, canonical, new
     if base_path.is_dir():
         for extra in base_path.glob("*.json"):
             shutil.copy2(extra, out_path / extra.name)

@@ -12,6 +12,8 @@ it unchanged (a larger rank would only add zero components).
   is not optimal). CP branches come out as plain ``w_a @ w_b``.
 - to-lora: the rank-``r`` SVD of each module's full scaled ``ΔW`` as kohya ``lora_down (r, in, *k)``,
   ``lora_up (out, r, 1…)`` with alpha = r.
+
+A DoRA module keeps its magnitude ``dora_scale`` (a LoHa/LoKr DoRA module becomes LoRA + DoRA).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import dataclasses
 from ..formats.adapterfile import AdapterFile, ModuleAdapter
 from ..formats.metadata import ARGS, without_ranks
 from ..methods.lora import LoRAAdapter
-from ..methods.schema import FitOptions
+from ..methods.schema import DORA, FitOptions
 from ..ops.hadamard import LOHA_STEPS
 from ..ops.lowrank import relative_error
 from . import ModuleResult, Progress, track
@@ -43,7 +45,14 @@ def resize_module(
     resized = ModuleAdapter(m.algo, {k: v.to(dtype).contiguous() for k, v in new.items()}, weight_shape=tuple(shape))
     if m.alpha is not None:  # keep the scale: alpha' / r' = alpha / r
         resized.alpha = m.scale() * resized.rank
-    return resized, f"rank {old} → {resized.rank}"
+    return _keep_dora(m, resized), f"rank {old} → {resized.rank}" + ("; DoRA magnitude kept" if m.dora is not None else "")
+
+
+def _keep_dora(src: ModuleAdapter, new: ModuleAdapter) -> ModuleAdapter:
+    """``new`` with ``src``'s DoRA magnitude (the norm it divides by follows the re-factored ``ΔW``)."""
+    if src.dora is not None:
+        new.tensors[DORA.name] = src.dora
+    return new
 
 
 def to_lora_module(m: ModuleAdapter, rank: int) -> ModuleAdapter:
@@ -53,7 +62,7 @@ def to_lora_module(m: ModuleAdapter, rank: int) -> ModuleAdapter:
     tensors = LoRAAdapter.extract(m.delta_weight(shape).double(), FitOptions(rank))
     lora = ModuleAdapter(LoRAAdapter.algo, {k: v.to(dtype).contiguous() for k, v in tensors.items()}, weight_shape=shape)
     lora.alpha = float(lora.rank)
-    return lora
+    return _keep_dora(m, lora)  # LoRA + DoRA
 
 
 def _lost_bias(m: ModuleAdapter) -> str:
