@@ -76,8 +76,10 @@ from torch import nn
 
 import lyco
 
-METHODS = ("lora", "loha", "lokr")
-LABELS = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
+METHODS = ("lora", "loha", "lokr", "lora+dora", "loha+dora", "lokr+dora")
+LABELS = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "lora+dora": "LoRA+DoRA", "loha+dora": "LoHa+DoRA",
+          "lokr+dora": "LoKr+DoRA"}  # fmt: skip
+PEFT_HAS = {"lora", "loha", "lokr", "lora+dora"}  # PEFT has DoRA on LoRA only
 IMPLS = ("lyco", "peft", "lycoris")
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MLP_TARGETS = ["up", "down"]
@@ -217,9 +219,17 @@ class Impl:
             m.train(train)
 
 
+def split_method(method: str) -> tuple[str, bool]:
+    """``"lokr+dora"`` → ``("lokr", True)``."""
+    algo, _, extra = method.partition("+")
+    return algo, extra == "dora"
+
+
 def make_lyco(base: nn.Module, method: str, targets: list[str], r: int) -> Impl:
-    cls = {"lora": lyco.LoRAConfig, "loha": lyco.LoHaConfig, "lokr": lyco.LoKrConfig}[method]
-    model = lyco.get_model(copy.deepcopy(base), cls(r=r, alpha=r, target_modules=targets, init_weights=False))
+    algo, dora = split_method(method)
+    cls = {"lora": lyco.LoRAConfig, "loha": lyco.LoHaConfig, "lokr": lyco.LoKrConfig}[algo]
+    config = cls(r=r, alpha=r, target_modules=targets, init_weights=False, weight_decompose=dora)
+    model = lyco.get_model(copy.deepcopy(base), config)
     return Impl(
         f"lyco-{method}", "lyco", method, model, note=f"LYCO_PATH={os.environ.get('LYCO_PATH', 'auto')}"
     )
@@ -228,10 +238,11 @@ def make_lyco(base: nn.Module, method: str, targets: list[str], r: int) -> Impl:
 def make_peft(base: nn.Module, method: str, targets: list[str], r: int) -> Impl:
     import peft
 
-    if method == "lora":
-        config = peft.LoraConfig(r=r, lora_alpha=r, target_modules=targets, init_lora_weights=False)
+    algo, dora = split_method(method)
+    if algo == "lora":
+        config = peft.LoraConfig(r=r, lora_alpha=r, target_modules=targets, init_lora_weights=False, use_dora=dora)
     else:
-        cls = peft.LoHaConfig if method == "loha" else peft.LoKrConfig
+        cls = peft.LoHaConfig if algo == "loha" else peft.LoKrConfig
         config = cls(r=r, alpha=r, target_modules=targets, init_weights=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -257,7 +268,8 @@ def make_lycoris(base: nn.Module, method: str, targets: list[str], r: int, bypas
         }
     )
     model = copy.deepcopy(base)
-    kwargs: dict[str, Any] = {"algo": method, "factor": -1}
+    algo, dora = split_method(method)
+    kwargs: dict[str, Any] = {"algo": algo, "factor": -1, **({"dora_wd": True} if dora else {})}
     if bypass:
         kwargs["bypass_mode"] = True
     net = create_lycoris(model, 1.0, linear_dim=r, linear_alpha=r, conv_dim=r, conv_alpha=r, **kwargs)
@@ -423,8 +435,9 @@ def run_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
     for method in args.methods:
         torch.manual_seed(args.seed + 1)
         impls.append(make_lyco(base, method, targets, args.r))
-        torch.manual_seed(args.seed + 1)
-        impls.append(make_peft(base, method, targets, args.r))
+        if method in PEFT_HAS:
+            torch.manual_seed(args.seed + 1)
+            impls.append(make_peft(base, method, targets, args.r))
         torch.manual_seed(args.seed + 1)
         impls.append(make_lycoris(base, method, targets, args.r, bypass=False))
         if args.lycoris_bypass:
@@ -502,19 +515,23 @@ def render_case(res: dict[str, Any], args: argparse.Namespace) -> str:
         f = med["frozen"]
         for method in args.methods:
             row = [mode, LABELS[method], fmt_ms(f)]
-            row += [fmt_ratio(med[f"{i}-{method}"] / f) for i in impls]
-            row.append(fmt_ratio(med[f"peft-{method}"] / med[f"lyco-{method}"]))
+            row += [fmt_ratio(med[f"{i}-{method}"] / f if f"{i}-{method}" in med else None) for i in impls]
+            row.append(fmt_ratio(med[f"peft-{method}"] / med[f"lyco-{method}"] if f"peft-{method}" in med else None))
             if has_mem:
                 if mode == "train":
                     mem = entry["memory"]
                     fb = mem["frozen"]["saved_bytes"]
                     row.append(fmt_bytes(fb))
                     row += [
-                        fmt_ratio(mem[f"{i}-{method}"]["saved_bytes"] / fb if fb else None) for i in impls
+                        fmt_ratio(mem[f"{i}-{method}"]["saved_bytes"] / fb if fb and f"{i}-{method}" in mem else None)
+                        for i in impls
                     ]
                     if args.rss:
                         row.append(fmt_bytes(mem["frozen"]["rss_fwd_delta"]))
-                        row += [fmt_bytes(mem[f"{i}-{method}"]["rss_fwd_delta"]) for i in impls]
+                        row += [
+                            fmt_bytes(mem[f"{i}-{method}"]["rss_fwd_delta"] if f"{i}-{method}" in mem else None)
+                            for i in impls
+                        ]
                 else:
                     row += [""] * (len(cols) - len(row))
             rows.append(row)
@@ -575,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer, smaller cases; under a minute")
     ap.add_argument("--cases", default="", help="comma-separated substrings of case names to keep")
-    ap.add_argument("--methods", default="lora,loha,lokr", help="comma-separated subset of: lora,loha,lokr")
+    ap.add_argument("--methods", default="lora,loha,lokr", help=f"comma-separated subset of: {','.join(METHODS)}")
     ap.add_argument("--modes", default="train,infer", help="comma-separated subset of: train,infer")
     ap.add_argument("--r", type=int, default=8, help="rank (alpha = r)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
@@ -603,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not set(args.methods) <= set(METHODS) or not set(args.modes) <= {"train", "infer"} or not args.methods:
-        ap.error("--methods must be from lora,loha,lokr and --modes from train,infer")
+        ap.error(f"--methods must be from {','.join(METHODS)} and --modes from train,infer")
     args.warmup = args.warmup if args.warmup is not None else 1
     args.min_repeats = args.min_repeats if args.min_repeats is not None else (3 if args.quick else 5)
     args.max_repeats = args.max_repeats if args.max_repeats is not None else (20 if args.quick else 50)

@@ -162,3 +162,20 @@ def test_lora_row_norm_matches_the_dense_norm():
     for s in (0.0, 0.3, -2.0):
         torch.testing.assert_close(lora_row_norm(w, down, up, s), dora_norm(w + s * up @ down, True).reshape(-1),
                                    atol=1e-12, rtol=1e-12)  # fmt: skip
+
+
+def test_cached_base_norm_follows_changes_of_the_base_weight():
+    """LoRA keeps ‖W_i‖² of a frozen base between calls; an in-place change of the base (copy_, a merge of another
+    adapter) must show in the next forward."""
+    model = dora_model(lyco.LoRAConfig(r=2, alpha=3, target_modules=["fc"], use_dora=True, init_weights=False))
+    layer = model.model.fc
+    x = torch.randn(3, 32)
+    first = layer(x)
+    assert torch.equal(layer(x), first)  # the cached path gives the same output
+    with torch.no_grad():
+        layer.base_layer.weight.mul_(1.5)
+    adapter = layer.lyco_adapters["default"]
+    total = layer.base_layer.weight + adapter.delta_weight() * adapter.scaling
+    merged = adapter.dora_scale * total / (total.norm(dim=1, keepdim=True) + torch.finfo(torch.float32).eps)
+    torch.testing.assert_close(layer(x), x @ merged.T + layer.base_layer.bias, atol=ATOL, rtol=1e-5)
+    copy.deepcopy(model)(X)  # copies recompute for their own weights

@@ -26,7 +26,9 @@ class Term(NamedTuple):
     ``x``: the adapter's own input when it differs from the layer's (input dropout in training), else ``None``;
     ``factored``: the path :meth:`Adapter.select_path` chose (else ``ΔW`` is built);
     ``gain``: DoRA's ``g = m / ‖W + s·ΔW‖`` (shaped like ``dora_scale``; in training ``1 + keep·(g − 1)`` for
-    module dropout), or ``None``: the term then is ``g ⊙ (W + s·ΔW)·x − W·x``.
+    module dropout), the term then being ``g ⊙ (W + s·ΔW)·x − W·x``; ``None`` without DoRA and for a dense DoRA
+    term whose norm needs ``ΔW`` (:meth:`Adapter.norm_needs_delta`): :func:`_dense_delta` builds ``ΔW`` once
+    for both. ``keep``: module dropout's 0/1 factor ``(1,)`` in training (else ``None``).
     """
 
     adapter: Adapter
@@ -36,6 +38,7 @@ class Term(NamedTuple):
     x: torch.Tensor | None = None
     factored: bool = False
     gain: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
 
 
 def rank_dropout_mask(
@@ -99,16 +102,22 @@ def _dense_delta(
             db = db * (term.scale if term.mask is None else term.mask * term.scale)
             bias = db if bias is None else bias + db
     lone = terms[0]
-    if len(terms) == 1 and not isinstance(lone.scale, torch.Tensor) and lone.mask is None and lone.gain is None:
+    if len(terms) == 1 and not isinstance(lone.scale, torch.Tensor) and lone.mask is None and not lone.adapter.weight_decompose:
         return lone.adapter.delta_weight(lone.dtype), lone.scale, bias
     total: torch.Tensor | None = None
     for term in terms:
-        delta = term.adapter.delta_weight(term.dtype)
+        adapter = term.adapter
+        delta = adapter.delta_weight(term.dtype)
+        gain = term.gain
+        if adapter.weight_decompose and gain is None:  # the norm from this ΔW (no second build)
+            w = weight(term.dtype)
+            gain = adapter.dora_gain(w, adapter.effective_scaling, delta=delta)
+            gain = gain if term.keep is None else 1 + term.keep * (gain - 1)
         factor = term.scale if term.mask is None else term.mask * term.scale
         delta = delta * _along(factor, delta.dim(), 0)
-        if term.gain is not None:
+        if gain is not None:
             w = weight(term.dtype)
-            delta = term.gain * (w + delta) - w
+            delta = gain * (w + delta) - w
         total = delta if total is None else total + delta.to(total.dtype)
     assert total is not None
     return total, 1.0, bias
@@ -256,10 +265,13 @@ class AdaptedLayer(nn.Module):
             scale, mask, keep = self._factors(adapter, x.device, dtype)
             gain = None
             if adapter.weight_decompose:
-                gain = adapter.dora_gain(self._canonical_weight(dtype), adapter.effective_scaling)
-                gain = gain if keep is None else 1 + keep * (gain - 1)
-                path = path if adapter.wd_on_out else "dense"  # input-axis gain: on the weight
-            term = Term(adapter, dtype, scale, mask, own, path == "factored", gain)
+                path = path if adapter.wd_on_out else "dense"  # an input-axis gain scales weight columns
+                # dense with a norm that needs ΔW: _dense_delta takes it from the ΔW it builds anyway; else the norm
+                # apart, without autograd (LoHa/LoKr: a no-grad ΔW, freed before the factored term runs)
+                if path != "dense" or not adapter.norm_needs_delta():
+                    gain = adapter.dora_gain(self._canonical_weight(dtype), adapter.effective_scaling)
+                    gain = gain if keep is None else 1 + keep * (gain - 1)
+            term = Term(adapter, dtype, scale, mask, own, path == "factored", gain, keep)
             (rest if term.factored or own is not None else dense).append(term)
         return dense, rest
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ShapeMismatchError
-from ..ops.dora import dora_norm, gain_shape
+from ..ops.dora import dora_norm, gain_shape, row_sq
 from ..ops.layerops import LayerSpec
 from ..ops.paths import call_costs, choose_path, element_cost
 from .config import AdapterConfig
@@ -49,6 +49,7 @@ class Adapter(nn.Module, MethodSchema, ABC):
     rank_dropout_scale_default: ClassVar[bool] = True
     factored_conv: ClassVar[bool] = False  # the factored path also serves Conv1d/Conv2d (groups=1) layers
     path: str | None = None  # "dense" / "factored" forces this adapter's path; None: LYCO_PATH or cost model
+    _sq_cache: tuple | None = None  # DoRA: (the base weight's key, ‖W_i‖²) — see base_row_sq
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -149,13 +150,34 @@ class Adapter(nn.Module, MethodSchema, ABC):
         return tensors
 
     # -- DoRA -----------------------------------------------------------------------------------------
-    def weight_norm(self, weight: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    def weight_norm(
+        self, weight: torch.Tensor, scale: float | torch.Tensor, delta: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``‖W + scale·ΔW‖ + ε`` along DoRA's axis (shape of ``dora_scale``), no gradient, for a canonical base
-        ``weight`` in the compute dtype. Default: builds ``W + scale·ΔW`` once (one weight-sized tensor);
-        methods with a cheaper identity override it."""
+        ``weight`` in the compute dtype (``delta``: the unscaled ``ΔW`` when the caller built it). Default: from
+        ``W + scale·ΔW``, one weight-sized tensor besides ``ΔW``; methods with a cheaper identity override it
+        (and :meth:`norm_needs_delta`)."""
         with torch.no_grad():
-            total = weight + self.delta_weight(weight.dtype) * scale
+            d = self.delta_weight(weight.dtype) if delta is None else delta.detach()
+            total = torch.add(weight, d, alpha=scale) if not isinstance(scale, torch.Tensor) else weight + d * scale
             return dora_norm(total, self.wd_on_out)
+
+    def base_row_sq(self, weight: torch.Tensor, flat: torch.Tensor) -> torch.Tensor | None:
+        """``‖W_i‖²`` of a frozen base parameter, kept while it is unchanged (same parameter, storage, dtype and
+        version: a merge, ``copy_`` or ``.data`` swap invalidates it); ``None`` (compute it) for a weight that
+        trains, a per-call cast (not the parameter itself), or under torch.compile."""
+        if not isinstance(weight, nn.Parameter) or weight.requires_grad or torch.compiler.is_compiling():
+            return None
+        key = (id(weight), weight.data_ptr(), weight._version, weight.dtype, weight.device, flat.dtype)
+        if self._sq_cache is not None and self._sq_cache[0] == key:
+            return self._sq_cache[1]
+        sq = row_sq(flat)
+        self._sq_cache = (key, sq)
+        return sq
+
+    def norm_needs_delta(self) -> bool:
+        """Whether :meth:`weight_norm` builds ``ΔW`` (a dense DoRA term then takes its norm from its own build)."""
+        return True
 
     def init_dora(self, weight: torch.Tensor) -> None:
         """``dora_scale = ‖W + s·ΔW‖`` for the canonical base ``weight`` (PEFT's rule: the adapted layer starts
@@ -166,10 +188,13 @@ class Adapter(nn.Module, MethodSchema, ABC):
             scale = scale.detach().float() if isinstance(scale, torch.Tensor) else scale
             self.dora_scale.copy_(self.weight_norm(w, scale).to(self.dora_scale.dtype))
 
-    def dora_gain(self, weight: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
-        """``g = m / ‖W + scale·ΔW‖`` shaped like ``dora_scale``, in ``weight``'s dtype; the norm is a constant for
-        autograd (gradients reach ``m``, and ``ΔW`` through the term it multiplies)."""
-        return as_dtype(self.dora_scale, weight.dtype) / self.weight_norm(weight, scale)
+    def dora_gain(
+        self, weight: torch.Tensor, scale: float | torch.Tensor, delta: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``g = m / ‖W + scale·ΔW‖`` shaped like ``dora_scale``, in ``weight``'s dtype (``delta``: ``ΔW`` when
+        already built); the norm is a constant for autograd (gradients reach ``m``, and ``ΔW`` through the term
+        it multiplies)."""
+        return as_dtype(self.dora_scale, weight.dtype) / self.weight_norm(weight, scale, delta)
 
     def loaded(self) -> None:
         """Called after file tensors were put into the parameters: a ``scalar`` becomes 1 (files fold it in)."""

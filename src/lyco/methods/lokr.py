@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..ops.dora import lokr_row_norm
 from ..ops.factorize import LoKrPlan, factorization, infer_lokr_plan, plan_lokr
 from ..ops.kron import (
     kron_apply,
@@ -123,6 +124,22 @@ class LoKrAdapter(Adapter):
         if getattr(config, "full_matrix", False):
             return 1.0
         return super().config_scaling(config, r, alpha)
+
+    def norm_needs_delta(self) -> bool:
+        return not self.wd_on_out
+
+    def weight_norm(self, weight, scale, delta=None):
+        """Output-axis norms of ``W + s·kron(w1, w2)`` from the factors (:func:`lyco.ops.dora.lokr_row_norm`: one
+        pass over ``W``, no Kronecker product built), in fp32; the input axis builds the sum."""
+        if self.norm_needs_delta():
+            return super().weight_norm(weight, scale, delta)
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        with torch.no_grad():
+            t, p = self.tensors(dtype), self.plan
+            w = weight.reshape(weight.shape[0], -1).to(dtype)
+            w2 = lokr_w2(t, p).reshape(p.out_r, -1)
+            norm = lokr_row_norm(w, lokr_w1(t, p), w2, scale, self.base_row_sq(weight, w))
+            return norm.to(weight.dtype).reshape(self.dora_scale.shape)
 
     def w1(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Left factor ``(out_l, in_l)`` in ``dtype`` (default: the parameters')."""

@@ -142,16 +142,19 @@ class LoRAAdapter(Adapter):
         )
         return n_rows * per_row + self.FACTORED_EXTRA_OPS * op_overhead(device_type)
 
-    def weight_norm(self, weight, scale):
+    def norm_needs_delta(self) -> bool:
+        return not self.wd_on_out or self.plan.use_tucker
+
+    def weight_norm(self, weight, scale, delta=None):
         """Output-axis norms of ``W + s·up @ down`` from the factors (:func:`lyco.ops.dora.lora_row_norm`: no
         weight-sized tensor, ``O(out·in·r)``), in fp32; the Tucker form and the input axis build the sum."""
-        if not self.wd_on_out or self.plan.use_tucker:
-            return super().weight_norm(weight, scale)
+        if self.norm_needs_delta():
+            return super().weight_norm(weight, scale, delta)
         dtype = torch.promote_types(weight.dtype, torch.float32)  # the sum cancels: fp32 at least (fp64 stays)
         with torch.no_grad():
             t = self.tensors(dtype)
             w = weight.reshape(weight.shape[0], -1).to(dtype)
-            norm = lora_row_norm(w, t["lora_down"].flatten(1), t["lora_up"].flatten(1), scale)
+            norm = lora_row_norm(w, t["lora_down"].flatten(1), t["lora_up"].flatten(1), scale, self.base_row_sq(weight, w))
             return norm.to(weight.dtype).reshape(self.dora_scale.shape)
 
     def fused_linear(self, x, weight, bias, scale):

@@ -30,16 +30,48 @@ def dora_norm(weight: torch.Tensor, wd_on_out: bool) -> torch.Tensor:
 
 
 def lora_row_norm(
-    weight: torch.Tensor, lora_down: torch.Tensor, lora_up: torch.Tensor, scale: float | torch.Tensor
+    weight: torch.Tensor,
+    lora_down: torch.Tensor,
+    lora_up: torch.Tensor,
+    scale: float | torch.Tensor,
+    weight_sq: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``‖W + s·up @ down‖ + ε`` per output row ``(out,)`` without building the ``(out, in)`` sum:
     ``‖W_i‖² + 2s·⟨(W downᵀ)_i, up_i⟩ + s²·up_i (down downᵀ) up_iᵀ`` — ``O(out·in·r)`` work and ``(out, r)``
     memory. ``weight (out, in·∏k)``, ``lora_down (r, in·∏k)``, ``lora_up (out, r)``, all in one dtype (fp32
-    or wider recommended: the sum cancels where ``ΔW ≈ −W``)."""
+    or wider recommended: the sum cancels where ``ΔW ≈ −W``); ``weight_sq``: ``‖W_i‖²`` when known (a frozen
+    base's, computed once)."""
     wd = weight @ lora_down.T  # (out, r)
     gram = lora_down @ lora_down.T  # (r, r)
-    sq = weight.square().sum(1) + 2 * scale * (wd * lora_up).sum(1) + scale * scale * ((lora_up @ gram) * lora_up).sum(1)
+    own = row_sq(weight) if weight_sq is None else weight_sq
+    sq = own + 2 * scale * (wd * lora_up).sum(1) + scale * scale * ((lora_up @ gram) * lora_up).sum(1)
     return sq.clamp_min(0).sqrt() + torch.finfo(weight.dtype).eps
+
+
+def lokr_row_norm(
+    weight: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    scale: float | torch.Tensor,
+    weight_sq: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``‖W + s·kron(w1, w2)‖ + ε`` per output row ``(out,)`` without building the Kronecker product: with rows
+    ``(a, c)`` and columns ``(b, d)``, ``‖ΔW_(a,c)‖² = ‖w1_a‖²·‖w2_c‖²`` and ``⟨W_(a,c), ΔW_(a,c)⟩ = Σ_b w1_ab
+    Σ_d W_(a,c),(b,d) w2_cd`` — one pass over ``W``. ``weight (out_l·out_r, in_l·in_r·∏k)``, ``w1 (out_l,
+    in_l)``, ``w2 (out_r, in_r·∏k)`` (a conv kernel folded into ``w2``'s columns), one dtype."""
+    out_l, in_l = w1.shape
+    out_r = w2.shape[0]
+    w4 = weight.reshape(out_l, out_r, in_l, w2.shape[1])
+    cross = torch.einsum("acb,ab->ac", torch.einsum("acbe,ce->acb", w4, w2), w1).reshape(-1)
+    delta_sq = torch.outer(w1.square().sum(1), w2.square().sum(1)).reshape(-1)
+    own = row_sq(weight) if weight_sq is None else weight_sq
+    sq = own + 2 * scale * cross + scale * scale * delta_sq
+    return sq.clamp_min(0).sqrt() + torch.finfo(weight.dtype).eps
+
+
+def row_sq(weight: torch.Tensor) -> torch.Tensor:
+    """``‖W_i‖²`` per row of ``weight (out, n)`` → ``(out,)``."""
+    return weight.square().sum(1)
 
 
 def dora_weight(
