@@ -170,7 +170,7 @@ def test_split_peft_cannot_describe_is_an_error(tmp_path):
         write_peft_adapter(read_lycoris_file(path, model=net), tmp_path / "out", base_model=net)
 
 
-def test_lora_files_load_and_mixed_files_do_not(tmp_path):
+def test_lora_files_load_and_so_do_mixed_files(tmp_path):
     g = torch.Generator().manual_seed(0)
     lora = {"lora_unet_a.lora_down.weight": torch.randn(2, 16, generator=g),
             "lora_unet_a.lora_up.weight": torch.randn(16, 2, generator=g), "lora_unet_a.alpha": torch.tensor(4.0)}  # fmt: skip
@@ -185,5 +185,9 @@ def test_lora_files_load_and_mixed_files_do_not(tmp_path):
              "lycoris_a.hada_w2_a": torch.randn(16, 1), "lycoris_a.hada_w2_b": torch.randn(1, 16),
              "lycoris_b.lokr_w1": torch.randn(4, 4), "lycoris_b.lokr_w2": torch.randn(4, 4)}  # fmt: skip
     save_file(mixed, str(path))
-    with pytest.raises(lyco.FormatError, match="several algorithms"):
-        lyco.load_lycoris(Two(), path)
+    model = lyco.load_lycoris(Two(), path)  # one adapter, LoHa on a and LoKr on b (scale 1: no alpha)
+    assert isinstance(model.peft_config["default"], lyco.MixedConfig)
+    a, b = (mixed[f"lycoris_a.hada_w{i}_a"] @ mixed[f"lycoris_a.hada_w{i}_b"] for i in (1, 2))
+    torch.testing.assert_close(_delta(model, "a"), a * b, atol=1e-5, rtol=0)
+    want = torch.kron(mixed["lycoris_b.lokr_w1"], mixed["lycoris_b.lokr_w2"])
+    torch.testing.assert_close(_delta(model, "b"), want, atol=1e-5, rtol=0)

@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lyco
@@ -221,13 +221,20 @@ def test_dokr_file_loads_with_the_dora_formula(tmp_path):
     assert model.peft_config["default"].weight_decompose and model.peft_config["default"].wd_on_out
 
 
-def test_dora_on_some_modules_only_is_a_clear_error(tmp_path):
+def test_dora_on_some_modules_only_loads_as_a_mixed_adapter(tmp_path):
     path = tmp_path / "f.safetensors"
-    write(path, {"lycoris_fc": {**lokr_tensors(0), "dora_scale": torch.ones(16, 1)}, "lycoris_fc2": lokr_tensors(1)})
+    m = torch.rand(16, 1, generator=torch.Generator().manual_seed(3)) + 0.5
+    write(path, {"lycoris_fc": {**lokr_tensors(0), "dora_scale": m}, "lycoris_fc2": lokr_tensors(1)})
     base = tree("Net", {"fc": lambda: nn.Linear(16, 16), "fc2": lambda: nn.Linear(16, 16)})
-    with pytest.raises(lyco.FormatError, match=r"mixes DoRA and plain modules.*fc2"):
-        lyco.load_lycoris(base, path)
-    assert isinstance(base.fc, nn.Linear)
+    model = lyco.load_lycoris(base, path)
+    config = model.peft_config["default"]
+    assert isinstance(config, lyco.MixedConfig)
+    assert [(p.target_modules, p.weight_decompose) for p in config.parts] == [(["fc"], True), (["fc2"], False)]
+    assert not model.model.fc2.lyco_adapters["default"].weight_decompose
+    out = tmp_path / "again.safetensors"
+    lyco.save_lycoris(model, out)
+    again = load_file(str(out))
+    assert set(again) == set(load_file(str(path))) and torch.equal(again["lycoris_fc.dora_scale"], m)
 
 
 def test_dora_scale_of_the_wrong_shape_names_the_module(tmp_path):

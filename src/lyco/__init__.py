@@ -14,7 +14,16 @@ from .errors import (
 )
 from .layer import AdaptedLayer
 from .lycoris_files import load_lycoris, load_lycoris_into, save_lycoris
-from .methods import Adapter, AdapterConfig, FullConfig, LoHaConfig, LoKrConfig, LoRAConfig, register_method
+from .methods import (
+    Adapter,
+    AdapterConfig,
+    FullConfig,
+    LoHaConfig,
+    LoKrConfig,
+    LoRAConfig,
+    MixedConfig,
+    register_method,
+)
 from .model import LycoModel, get_model
 from .modules_to_save import ModulesToSaveWrapper
 from .ops.factorize import factorization
@@ -23,7 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaptedLayer", "Adapter", "AdapterConfig", "AdapterNameError", "ArgumentError", "ConfigError", "FormatError", "FullConfig", "LoHaConfig",
-    "LoKrConfig", "LoRAConfig", "LycoError", "LycoModel", "MergeError", "ModulesToSaveWrapper", "ShapeMismatchError", "StateError",
+    "LoKrConfig", "LoRAConfig", "LycoError", "LycoModel", "MergeError", "MixedConfig", "ModulesToSaveWrapper", "ShapeMismatchError", "StateError",
     "TargetError", "UnsupportedLayerError", "__version__", "factorization", "get_model", "load_lycoris",
     "load_lycoris_into", "register_method", "save_lycoris",
 ]  # fmt: skip

@@ -20,8 +20,7 @@ from .formats.keys import infer_component
 from .formats.lycoris import read_lycoris_file, write_lycoris_file
 from .formats.names import ModuleTable
 from .formats.peft_config import ConfigFit, fit_config
-from .methods.config import AdapterConfig
-from .methods.registry import adapter_class_for
+from .methods.config import config_parts
 from .model import LycoModel
 from .targeting import find_targets
 from .tree import wrapper_internals
@@ -40,7 +39,6 @@ def adapter_file(model: LycoModel, adapter_name: str = "default") -> AdapterFile
         raise FormatError(
             f"adapter {adapter_name!r} has modules_to_save, which a LyCORIS file cannot hold; use save_pretrained"
         )
-    method = adapter_class_for(config)
     modules: dict[str, ModuleAdapter] = {}
     for lname, layer in model.adapted_layers():
         if adapter_name not in layer.lyco_adapters:
@@ -50,7 +48,7 @@ def adapter_file(model: LycoModel, adapter_name: str = "default") -> AdapterFile
             raise FormatError(f"adapter {adapter_name!r} on {lname!r} has weights on the meta device; load them first")
         tensors = adapter.file_tensors()
         alpha = adapter.base_scaling * adapter.r  # files scale by alpha / r (e.g. rank-stabilised LoRA: alpha·√r)
-        module = ModuleAdapter(method.algo, tensors, alpha, tuple(layer.spec.weight_shape))
+        module = ModuleAdapter(adapter.algo, tensors, alpha, tuple(layer.spec.weight_shape))
         if module.unranked:  # files scale such a module by 1
             module = module.with_scale_folded(adapter.base_scaling, float(adapter.r))
         modules[lname] = module
@@ -80,10 +78,10 @@ def _fit(root: nn.Module, af: AdapterFile, skip: set[str]) -> ConfigFit:
     """The config and plans that rebuild ``af`` on ``root``; ``target_modules`` selects exactly its modules
     (a regex when the list's suffix rule would also pick other modules)."""
     fit = fit_config(af, {n: tuple(m.weight_shape) for n, m in af.modules.items()})  # type: ignore[arg-type]
-    config: AdapterConfig = fit.config
-    names = list(config.target_modules)  # type: ignore[arg-type]
-    if set(find_targets(root, config, skip)) != set(names):
-        config.target_modules = "(?:" + "|".join(re.escape(n) for n in names) + ")"
+    for config in config_parts(fit.config):
+        names = list(config.target_modules)  # type: ignore[arg-type]
+        if set(find_targets(root, config, skip)) != set(names):
+            config.target_modules = "(?:" + "|".join(re.escape(n) for n in names) + ")"
     return fit
 
 

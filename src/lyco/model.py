@@ -28,13 +28,13 @@ from .errors import (
 )
 from .layer import AdaptedLayer
 from .methods.adapter import META
-from .methods.config import AdapterConfig, pattern_value
+from .methods.config import AdapterConfig, MixedConfig, config_parts, pattern_value
 from .methods.registry import adapter_class_for
 from .model_io import AdapterIO, as_module, names_arg
 from .modules_to_save import ModulesToSaveWrapper
 from .ops.layerops import SUPPORTED_LAYERS, from_canonical, layer_spec
 from .sharding import check_not_sharded_for_adapters, check_unsharded
-from .targeting import bypassed, check_modules_to_save, default_target_modules, find_targets
+from .targeting import assign_targets, bypassed, check_modules_to_save, default_target_modules
 from .tree import (
     adapted_layers,
     saved_modules,
@@ -69,7 +69,8 @@ class LycoModel(AdapterIO):
 
     Args:
         model: the base module; adapted in place (wrapped layers replace targeted modules).
-        config: a :class:`~lyco.LoHaConfig`, :class:`~lyco.LoKrConfig` or custom method config.
+        config: a method config (:class:`~lyco.LoRAConfig`, :class:`~lyco.LoKrConfig`…, or a custom method's), or a
+            :class:`~lyco.MixedConfig` (different methods on different modules).
         adapter_name: name of the first adapter.
         low_cpu_mem_usage: create adapter weights on the ``meta`` device (no allocation, no init);
             they are materialised when a state dict is loaded with ``assign``.
@@ -82,7 +83,7 @@ class LycoModel(AdapterIO):
     def __init__(
         self,
         model: nn.Module,
-        config: AdapterConfig,
+        config: AdapterConfig | MixedConfig,
         adapter_name: str = "default",
         *,
         low_cpu_mem_usage: bool = False,
@@ -93,7 +94,7 @@ class LycoModel(AdapterIO):
         super().__init__()
         self.compute_dtype = _check_compute_dtype(compute_dtype)
         self.model = as_module(model, "LycoModel")
-        self.peft_config: dict[str, AdapterConfig] = {}
+        self.peft_config: dict[str, AdapterConfig | MixedConfig] = {}
         self._active: list[str] = []
         self._frozen: set[str] = set()
         self._base_requires_grad: list[tuple[nn.Parameter, bool]] = []
@@ -141,7 +142,7 @@ class LycoModel(AdapterIO):
     def add_adapter(
         self,
         adapter_name: str,
-        config: AdapterConfig,
+        config: AdapterConfig | MixedConfig,
         *,
         low_cpu_mem_usage: bool = False,
         plans: Mapping[str, Any] | None = None,
@@ -157,7 +158,8 @@ class LycoModel(AdapterIO):
                 f"adapter name must be a non-empty string without '.', '/' or '\\' (it names a sub-folder of saved "
                 f"adapters), got {adapter_name!r}"
             )
-        adapter_cls = adapter_class_for(config)
+        for part in config_parts(config):
+            adapter_class_for(part)  # every method registered
         if plans is not None and not isinstance(plans, Mapping):
             raise ArgumentError(f"plans must map module names to shape plans, got {type(plans).__name__}")
         check_not_sharded_for_adapters(self)
@@ -167,12 +169,14 @@ class LycoModel(AdapterIO):
                 "pick another name or delete_adapter() it first"
             )
         config = copy.deepcopy(config)
-        if config.target_modules is None:
-            config.target_modules = default_target_modules(self.model)
+        for part in config_parts(config):
+            if part.target_modules is None:
+                part.target_modules = default_target_modules(self.model)
         skip = wrapper_internals(self.model)
         modules = dict(self.model.named_modules())
         created = []
-        for name in find_targets(self.model, config, skip):
+        for name, part in assign_targets(self.model, config, skip).items():
+            adapter_cls = adapter_class_for(part)
             module = modules[name]
             if isinstance(module, ModulesToSaveWrapper):
                 raise UnsupportedLayerError(f"module {name!r} is in modules_to_save and cannot also get an adapter")
@@ -182,17 +186,17 @@ class LycoModel(AdapterIO):
             spec = layer_spec(base)
             if spec is None or not adapter_cls.supports(spec):
                 raise UnsupportedLayerError(
-                    f"module {name!r} of type {type(base).__name__} cannot get a {config.peft_type} adapter; "
+                    f"module {name!r} of type {type(base).__name__} cannot get a {part.peft_type} adapter; "
                     f"supported layers: {SUPPORTED_LAYERS}. Narrow target_modules or add it to exclude_modules."
                 )
             weight = base.weight
             device = META if low_cpu_mem_usage else weight.device
             plan = (plans or {}).get(name)
-            r = plan.r if plan is not None and getattr(plan, "ranked", True) else pattern_value(config.rank_pattern, name, config.r)
-            alpha = pattern_value(config.alpha_pattern, name, config.alpha)
+            r = plan.r if plan is not None and getattr(plan, "ranked", True) else pattern_value(part.rank_pattern, name, part.r)
+            alpha = pattern_value(part.alpha_pattern, name, part.alpha)
             try:
                 adapter = adapter_cls(
-                    spec, r, alpha, config, device=device, dtype=_adapter_dtype(weight, self.autocast_adapter_dtype),
+                    spec, r, alpha, part, device=device, dtype=_adapter_dtype(weight, self.autocast_adapter_dtype),
                     plan=plan,
                 )
             except (ShapeMismatchError, ConfigError) as exc:  # name the module (nothing is modified yet)
@@ -402,7 +406,7 @@ class LycoModel(AdapterIO):
 
 def get_model(
     model: nn.Module,
-    config: AdapterConfig,
+    config: AdapterConfig | MixedConfig,
     adapter_name: str = "default",
     *,
     low_cpu_mem_usage: bool = False,

@@ -24,6 +24,7 @@ from typing import Any
 from torch import nn
 
 from .errors import ConfigError, TargetError
+from .methods.config import config_parts
 from .methods.config import pattern_value as pattern_value  # re-exported: the rank/alpha pattern rule
 from .ops.layerops import layer_spec
 
@@ -183,6 +184,30 @@ def find_targets(model: nn.Module, config: Any, skip: Iterable[str] = ()) -> lis
         )
     # A module nested inside another chosen one cannot be wrapped twice.
     return [n for n in chosen if not _inside(n, set(chosen) - {n})]
+
+
+def assign_targets(model: nn.Module, config: Any, skip: Iterable[str] = ()) -> dict[str, Any]:
+    """Module name → the method config that adapts it, in model order: every target of ``config``, or of each
+    part of a :class:`~lyco.methods.config.MixedConfig` (:func:`find_targets` per part).
+
+    Raises :class:`TargetError` when two parts select the same module (or one inside the other).
+    """
+    chosen: dict[str, Any] = {}
+    owner: dict[str, int] = {}
+    parts = config_parts(config)
+    for i, part in enumerate(parts):
+        for name in find_targets(model, part, skip):
+            clash = next((o for o in owner if o == name or _inside(name, {o}) or _inside(o, {name})), None)
+            if clash is not None:
+                j = owner[clash]
+                raise TargetError(
+                    f"module {name!r} is selected by parts[{j}] ({type(parts[j]).__name__}"
+                    f"{', as ' + repr(clash) if clash != name else ''}) and parts[{i}] ({type(part).__name__}) of "
+                    "the MixedConfig; narrow their target_modules or exclude_modules so that each module has one method"
+                )
+            chosen[name], owner[name] = part, i
+    order = {n: k for k, (n, _) in enumerate(model.named_modules())}
+    return dict(sorted(chosen.items(), key=lambda item: order[item[0]]))
 
 
 def _inside(name: str, others: set[str]) -> bool:

@@ -16,12 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import FormatError, ShapeMismatchError
+from .errors import FormatError, ShapeMismatchError, TargetError
 from .layer import AdaptedLayer
-from .methods.config import AdapterConfig, pattern_value
+from .methods.config import AdapterConfig, MixedConfig, pattern_value
 from .methods.registry import adapter_class_for
 from .modules_to_save import ModulesToSaveWrapper
 from .ops.layerops import layer_spec
+from .targeting import assign_targets
 
 
 def adapted_layers(root: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
@@ -136,26 +137,28 @@ def _checked(
     return t
 
 
-def infer_plans(root: nn.Module, config: AdapterConfig, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+def infer_plans(root: nn.Module, config: AdapterConfig | MixedConfig, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """Shape plans per module from ``tensors`` (so loading never recomputes a factorization: a folder whose
     split differs from what ``config`` would plan still loads exactly). Modules whose tensors describe no
     valid plan get none (the config's plan, then a precise key error from :func:`load_adapter_tensors`)."""
-    adapter_cls = adapter_class_for(config)
-    own = adapter_cls.tensor_params()
+    try:
+        owners = assign_targets(root, config, wrapper_internals(root))
+    except TargetError:
+        return {}  # adding the adapter reports the targeting error (named after the source)
     grouped: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, t in tensors.items():
         path, _, pname = key.rpartition(".")
-        if pname in own:
+        if path in owners and pname in adapter_class_for(owners[path]).tensor_params():
             grouped.setdefault(path, {})[pname] = tuple(t.shape)
     modules = dict(root.named_modules())
     plans: dict[str, Any] = {}
     for name, shapes in grouped.items():
-        module = modules.get(name)
-        spec = layer_spec(module.get_base_layer() if isinstance(module, AdaptedLayer) else module) if module else None
+        part, module = owners[name], modules[name]
+        spec = layer_spec(module.get_base_layer() if isinstance(module, AdaptedLayer) else module)
         if spec is None:
-            continue  # unknown module: load_adapter_tensors reports the unused keys
+            continue  # not an adaptable layer: adding the adapter reports it
         try:
-            plan = adapter_cls.infer_plan(shapes, spec.weight_shape, pattern_value(config.rank_pattern, name, config.r))
+            plan = adapter_class_for(part).infer_plan(shapes, spec.weight_shape, pattern_value(part.rank_pattern, name, part.r))
         except ShapeMismatchError:
             continue  # incomplete or inconsistent tensors: the key check names the missing / mis-shaped one
         if plan is not None:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, FormatError
-from ..methods.config import AdapterConfig, pattern_value
+from ..methods.config import AdapterConfig, MixedConfig, pattern_value
 from ..methods.registry import method_for_peft_type
 from ..methods.schema import MethodSchema
 from .adapterfile import AdapterFile, ModuleAdapter
@@ -165,11 +165,27 @@ def peft_fold(method: type[MethodSchema], config: AdapterConfig, path: str, sour
     return ours / theirs
 
 
+def one_method(config: AdapterConfig | MixedConfig, where: str) -> AdapterConfig:
+    """``config`` when it is one method's (a PEFT folder holds one method per adapter), else a
+    :class:`FormatError` naming the LyCORIS format as the way out."""
+    if not isinstance(config, MixedConfig):
+        return config
+    parts = ", ".join(
+        type(p).__name__ + ("+DoRA" if getattr(p, "weight_decompose", False) else "") for p in config.parts
+    )
+    raise FormatError(
+        f"{where}: the adapter holds several methods or settings ({parts}) and a PEFT folder holds one method per "
+        "adapter; save it as a LyCORIS/kohya file instead (lyco.save_lycoris(model, 'adapter.safetensors', "
+        "adapter_name=...), or `lyco convert <adapter> out.safetensors`), which every tool of the family loads"
+    )
+
+
 def peft_tensors(
-    config: AdapterConfig, tensors: Mapping[str, torch.Tensor], source: str = "<adapter>"
+    config: AdapterConfig | MixedConfig, tensors: Mapping[str, torch.Tensor], source: str = "<adapter>"
 ) -> dict[str, torch.Tensor]:
     """An adapter's tensors (keyed ``<module path>.<param>``, lyco layouts) as PEFT stores them: PEFT keys and
     layouts, :func:`peft_fold` folded in (the inverse of what :func:`read_peft_dir` returns)."""
+    config = one_method(config, source)
     method = method_for_peft_type(config.peft_type, source)
 
     def to_peft(ts: dict, path: str) -> dict:
@@ -232,11 +248,12 @@ def read_peft_dir(
 
 
 def write_peft_dir(
-    folder: str | os.PathLike, config: AdapterConfig, tensors: Mapping[str, torch.Tensor], base_model: nn.Module | None = None
+    folder: str | os.PathLike, config: AdapterConfig | MixedConfig, tensors: Mapping[str, torch.Tensor], base_model: nn.Module | None = None
 ) -> Path:
     """Write one adapter (``tensors`` keyed ``<module path>.<param>``, lyco layouts) as a PEFT folder: weights
     (PEFT keys and layouts) then ``adapter_config.json``; returns the folder."""
     folder = as_path(folder, "folder")
+    config = one_method(config, str(folder))
     if gaps := config.peft_gaps():
         warnings.warn(
             f"{folder}: {type(config).__name__} sets {gaps}, which PEFT does not have: lyco loads this folder exactly, "
@@ -352,13 +369,13 @@ def write_peft_adapter(
     if table is not None:
         shapes.update({n: table.shapes[names[n]] for n in af.modules if names[n] in table.shapes})
     fit = fit_config(af, shapes)
+    config = one_method(fit.config, str(save_directory))
     if fit.problems:
         raise FormatError(
             "PEFT's config cannot describe these adapter shapes (PEFT plans shapes from one set of options"
             + ("" if base_model is not None else "; pass base_model= if conv layers are involved")
             + "):\n  " + "\n  ".join(fit.problems)
         )
-    config = fit.config
     config.target_modules = [names[n] for n in config.target_modules]  # type: ignore[union-attr]
     config.rank_pattern = {names.get(k, k): v for k, v in config.rank_pattern.items()}
     config.alpha_pattern = {names.get(k, k): v for k, v in config.alpha_pattern.items()}

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import FormatError, ShapeMismatchError
-from ..methods.config import AdapterConfig, pattern_value
+from ..methods.config import AdapterConfig, MixedConfig, pattern_value
 from ..methods.registry import METHODS
 from ..methods.schema import DORA, MethodSchema
 from ..ops.dora import gain_shape
@@ -35,22 +35,15 @@ class ConfigFit:
     ``problems`` (modules whose shapes this config's planning rules would not reproduce, so PEFT could
     not load them; empty when PEFT can)."""
 
-    config: AdapterConfig
+    config: AdapterConfig | MixedConfig
     plans: dict[str, Any]
     ranks: dict[str, int]
     alphas: dict[str, float]
     problems: list[str]
 
 
-def adapter_method(af: AdapterFile) -> type[MethodSchema]:
-    """The one method every module of ``af`` uses, when lyco models can hold it (else :class:`FormatError`)."""
-    methods = {m.method for m in af.modules.values()}
-    if len(methods) != 1:
-        raise FormatError(
-            f"the adapter holds several algorithms {sorted(af.algos())}; a lyco adapter uses one method "
-            f"(lyco models can hold {sorted(m.algo for m in METHODS.values())})"
-        )
-    method = methods.pop()
+def _holdable(method: type[MethodSchema]) -> type[MethodSchema]:
+    """``method`` when lyco models can hold it (else :class:`FormatError`)."""
     if method not in METHODS.values():
         raise FormatError(
             f"the adapter holds {method.display()} modules ({method.algo}); lyco models cannot hold them yet "
@@ -69,48 +62,30 @@ def _patterns(values: dict[str, float], default: float) -> dict[str, float]:
     return {re.escape(n): values[n] for n in names}
 
 
-def _dora_options(af: AdapterFile, weight_shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
-    """``weight_decompose`` / ``wd_on_out`` when the modules carry DoRA magnitudes (all of them, on one axis:
-    a lyco adapter's DoRA is one setting)."""
-    axes: dict[str, bool] = {}
-    for name, m in af.modules.items():
-        if DORA.name not in m.tensors:
-            continue
-        got, shape = tuple(m.tensors[DORA.name].shape), tuple(weight_shapes[name])
-        axis = [on for on in (True, False) if got == gain_shape(shape, on)]
-        if not axis:
-            raise ShapeMismatchError(
-                f"module {name!r}: dora_scale {got} fits neither axis of a layer weight {shape} "
-                f"({gain_shape(shape, True)} or {gain_shape(shape, False)})"
-            )
-        axes[name] = axis[0]
-    if not axes:
-        return {}
-    plain = sorted(set(af.modules) - set(axes))
-    if plain or len(set(axes.values())) > 1:
-        what = f"DoRA and plain modules ({plain[:4]})" if plain else "DoRA on the output axis and on the input axis"
-        raise FormatError(f"the adapter mixes {what}; a lyco adapter applies DoRA to all its modules on one axis")
-    return {"weight_decompose": True, "wd_on_out": next(iter(axes.values()))}
+def _dora_axis(name: str, af: AdapterFile, shape: tuple[int, ...]) -> bool | None:
+    """The DoRA axis of module ``name`` (``True``: output rows, ``False``: input columns), ``None`` without DoRA."""
+    m = af.modules[name]
+    if DORA.name not in m.tensors:
+        return None
+    got = tuple(m.tensors[DORA.name].shape)
+    axis = [on for on in (True, False) if got == gain_shape(shape, on)]
+    if not axis:
+        raise ShapeMismatchError(
+            f"module {name!r}: dora_scale {got} fits neither axis of a layer weight {shape} "
+            f"({gain_shape(shape, True)} or {gain_shape(shape, False)})"
+        )
+    return axis[0]
 
 
-def fit_config(af: AdapterFile, weight_shapes: dict[str, tuple[int, ...]], default_r: int | None = None) -> ConfigFit:
-    """Plans, per-module ranks/alphas and a config of the file's method (``target_modules`` = the module
-    names) for ``af``; ``weight_shapes``: per module name, the layer's canonical weight shape.
-
-    Raises :class:`FormatError` for files mixing methods or holding a method lyco models cannot hold, and
-    :class:`ShapeMismatchError` when tensors do not fit their layer.
-    """
-    method = adapter_method(af)
-    plans: dict[str, Any] = {}
-    for name, m in af.modules.items():
-        try:
-            plans[name] = m.plan(weight_shapes[name])
-        except ShapeMismatchError as exc:
-            raise ShapeMismatchError(f"module {name!r}: {exc}") from None
-    factored = Counter(m.rank for m in af.modules.values() if m.rank is not None)
+def _fit_part(
+    af: AdapterFile, method: type[MethodSchema], names: list[str], plans: dict[str, Any], dora: bool | None, default_r: int | None
+) -> ConfigFit:
+    """The config of one method (and DoRA setting) over ``names``."""
+    factored = Counter(af.modules[n].rank for n in names if af.modules[n].rank is not None)
     base_r = factored.most_common(1)[0][0] if factored else (default_r or 1)
-    plans, options, problems = method.fit_config(plans, base_r)
-    options.update(_dora_options(af, weight_shapes))
+    plans, options, problems = method.fit_config({n: plans[n] for n in names}, base_r)
+    if dora is not None:
+        options.update(weight_decompose=True, wd_on_out=dora)
     ranks = {name: p.r for name, p in plans.items()}
     alphas = {name: effective_alpha(af.modules[name].rank, af.modules[name].alpha, ranks[name]) for name in plans}
     r = Counter(ranks.values()).most_common(1)[0][0]
@@ -120,3 +95,32 @@ def fit_config(af: AdapterFile, weight_shapes: dict[str, tuple[int, ...]], defau
         alpha_pattern=_patterns(alphas, alpha), **options,
     )  # fmt: skip
     return ConfigFit(config, plans, ranks, alphas, problems)
+
+
+def fit_config(af: AdapterFile, weight_shapes: dict[str, tuple[int, ...]], default_r: int | None = None) -> ConfigFit:
+    """Plans, per-module ranks/alphas and a config of the file's method (``target_modules`` = the module
+    names) for ``af``; ``weight_shapes``: per module name, the layer's canonical weight shape.
+
+    A file whose modules use several methods (or DoRA on some modules, or on both axes) gets a
+    :class:`~lyco.methods.config.MixedConfig` with one part per method and setting. Raises :class:`FormatError`
+    for a method lyco models cannot hold and :class:`ShapeMismatchError` when tensors do not fit their layer.
+    """
+    plans: dict[str, Any] = {}
+    groups: dict[tuple[type[MethodSchema], bool | None], list[str]] = {}
+    for name, m in af.modules.items():
+        method = _holdable(m.method)
+        try:
+            plans[name] = m.plan(weight_shapes[name])
+        except ShapeMismatchError as exc:
+            raise ShapeMismatchError(f"module {name!r}: {exc}") from None
+        groups.setdefault((method, _dora_axis(name, af, tuple(weight_shapes[name]))), []).append(name)
+    fits = [_fit_part(af, method, names, plans, dora, default_r) for (method, dora), names in groups.items()]
+    if len(fits) == 1:
+        return fits[0]
+    return ConfigFit(
+        MixedConfig([f.config for f in fits]),  # type: ignore[misc]
+        {n: p for f in fits for n, p in f.plans.items()},
+        {n: r for f in fits for n, r in f.ranks.items()},
+        {n: a for f in fits for n, a in f.alphas.items()},
+        [p for f in fits for p in f.problems],
+    )

@@ -1,7 +1,7 @@
 """Adapter methods: one file per method (its config, adapter and on-disk schema), registered with
 :func:`register_method`.
 
-- ``config.py``: :class:`AdapterConfig`, the shared hyper-parameters;
+- ``config.py``: :class:`AdapterConfig`, the shared hyper-parameters; :class:`MixedConfig`, several methods in one adapter;
 - ``schema.py``: :class:`MethodSchema` / :class:`Param`, how a method's tensors look on disk;
 - ``adapter.py``: :class:`Adapter`, one adapter on one layer (cost-model hooks included);
 - ``registry.py``: :func:`register_method` and the lookups ``formats/`` and ``tools/`` use;
@@ -9,7 +9,7 @@
 """
 
 from .adapter import Adapter
-from .config import AdapterConfig
+from .config import AdapterConfig, MixedConfig
 from .full import FullAdapter, FullConfig
 from .loha import LoHaAdapter, LoHaConfig
 from .lokr import LoKrAdapter, LoKrConfig
@@ -19,5 +19,5 @@ from .schema import FitOptions, MethodSchema, Param, ShapePlan
 
 __all__ = [
     "METHODS", "Adapter", "AdapterConfig", "FitOptions", "FullAdapter", "FullConfig", "LoHaAdapter", "LoHaConfig", "LoKrAdapter", "LoKrConfig",
-    "LoRAAdapter", "LoRAConfig", "MethodSchema", "Param", "ShapePlan", "register_method",
+    "LoRAAdapter", "LoRAConfig", "MethodSchema", "MixedConfig", "Param", "ShapePlan", "register_method",
 ]  # fmt: skip

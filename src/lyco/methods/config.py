@@ -221,3 +221,51 @@ def pattern_value(patterns: Mapping[str, T], name: str, default: T) -> T:
         if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
+
+
+@dataclass
+class MixedConfig:
+    """One adapter with different methods (or options) on different modules, as LyCORIS presets with per-module
+    algorithms write them (``name_algo_map`` / ``module_algo_map``).
+
+    ``parts``: configs of registered methods; each selects its own modules (``target_modules``,
+    ``exclude_modules``, ``layers_to_transform``) with its own hyper-parameters, and a module selected by two
+    parts is a :class:`TargetError` when the adapter is added. ``modules_to_save`` belongs to the whole adapter
+    (the parts' own must be unset). A PEFT folder holds one method per adapter: such adapters are saved as
+    LyCORIS/kohya files (:func:`lyco.save_lycoris`).
+
+    >>> MixedConfig([LowRankConfig(target_modules=["q"]), AdapterConfig(target_modules=["fc"])]).targets()
+    [['q'], ['fc']]
+    """
+
+    parts: list[AdapterConfig]
+    modules_to_save: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        parts = self.parts
+        if not isinstance(parts, (list, tuple)) or not parts:
+            raise ConfigError(f"MixedConfig.parts must be a non-empty list of method configs, got {parts!r}")
+        for i, part in enumerate(parts):
+            if isinstance(part, MixedConfig) or not isinstance(part, AdapterConfig):
+                raise ConfigError(f"MixedConfig.parts[{i}] must be a method config (LoRAConfig, LoKrConfig…), got {part!r}")
+            if part.modules_to_save:
+                raise ConfigError(
+                    f"MixedConfig.parts[{i}].modules_to_save is set; give modules_to_save to the MixedConfig itself"
+                )
+        self.parts = list(parts)
+        if self.modules_to_save is not None:
+            mts = _as_str_list(self.modules_to_save, "MixedConfig.modules_to_save")
+            self.modules_to_save = [mts] if isinstance(mts, str) else mts
+
+    def targets(self) -> list[list[str] | str | None]:
+        """Each part's ``target_modules``."""
+        return [p.target_modules for p in self.parts]
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"parts": [each part's to_dict()], "modules_to_save": …}`` (JSON-ready)."""
+        return {"parts": [p.to_dict() for p in self.parts], "modules_to_save": self.modules_to_save}
+
+
+def config_parts(config: AdapterConfig | MixedConfig) -> list[AdapterConfig]:
+    """The method configs of an adapter: a :class:`MixedConfig`'s parts, else ``[config]``."""
+    return list(config.parts) if isinstance(config, MixedConfig) else [config]
