@@ -197,3 +197,14 @@ def test_cli_tools_on_a_mixed_file(tmp_path, capsys):
     # to-lora keeps layer 2's DoRA magnitude: LoRA+DoRA there and plain LoRA elsewhere, still two parts
     _cli(capsys, "to-lora", path, tmp_path / "l.safetensors", "--rank", "2")
     assert isinstance(lyco.load_lycoris(net(), tmp_path / "l.safetensors").peft_config["default"], lyco.MixedConfig)
+
+
+def test_from_adapter_tensors_infers_each_parts_plans():
+    model = mixed_model()
+    from lyco.tree import adapter_tensors
+
+    tensors = adapter_tensors(model.model, "default")
+    config = copy.deepcopy(model.peft_config["default"])
+    config.parts[1].decompose_factor = 2  # LoKr would plan another split: the tensors' own split wins
+    again = lyco.LycoModel.from_adapter_tensors(net(), config, tensors)
+    torch.testing.assert_close(again(X), model(X), atol=1e-6, rtol=0)
