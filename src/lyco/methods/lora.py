@@ -96,7 +96,7 @@ class LoRAAdapter(Adapter):
     supports_dora = True
     rank_dropout_scale_default = False
     factored_conv = True
-    FACTORED_EXTRA_OPS = 1  # two thin products instead of one build + one apply
+    FACTORED_EXTRA_OPS = 0  # two thin products (x·downᵀ, then one addmm) where dense has the build and W + c·ΔW
 
     # -- module --------------------------------------------------------------------------------
     def create_parameters(self, config: LoRAConfig, *, device, dtype) -> None:
