@@ -164,6 +164,18 @@ def test_lora_row_norm_matches_the_dense_norm():
                                    atol=1e-12, rtol=1e-12)  # fmt: skip
 
 
+@pytest.mark.parametrize("r", [3, 12], ids=["khatri-rao", "built"])  # r² ≤ 2r + 64 on CPU: from the factors
+def test_loha_norm_from_factors_or_built_equals_the_formula(r):
+    model = dora_model(lyco.LoHaConfig(r=r, alpha=5, target_modules=["fc"], weight_decompose=True, init_weights=False))
+    adapter = model.model.fc.lyco_adapters["default"]
+    assert adapter.norm_needs_delta() == (r == 12)
+    w = model.model.fc.base_layer.weight
+    t = dict(adapter.named_parameters())
+    total = w + (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"]) * 0.7
+    want = total.norm(dim=1, keepdim=True) + torch.finfo(torch.float32).eps
+    torch.testing.assert_close(adapter.weight_norm(w, 0.7), want, atol=1e-5, rtol=1e-5)
+
+
 def test_cached_base_norm_follows_changes_of_the_base_weight():
     """LoRA keeps ‖W_i‖² of a frozen base between calls; an in-place change of the base (copy_, a merge of another
     adapter) must show in the next forward."""

@@ -222,7 +222,7 @@ class AdaptedLayer(nn.Module):
         if bias is None:
             return out * g
         b = _along(bias.to(out.dtype), out.dim(), self.spec.channel_dim(out.dim()))
-        return out * g + (1 - g) * b
+        return torch.addcmul((1 - g) * b, out, g)  # one output-sized tensor written, not two
 
     def _dora_forward(self, x: torch.Tensor, dense: list[Term], rest: list[Term], args: tuple, kwargs: dict) -> torch.Tensor:
         """Several live terms with a factored (or own-input) DoRA one: the base output ``W·x + b`` is kept apart,

@@ -17,8 +17,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..ops.dora import lora_row_norm
 from ..ops.factorize import LoHaPlan, infer_loha_plan, plan_loha
-from ..ops.hadamard import fit_loha, hada_apply, loha_delta
+from ..ops.hadamard import fit_loha, hada_apply, hada_khatri_rao, loha_delta
 from ..ops.lowrank import svd_factors
 from ..ops.paths import element_cost
 from ..ops.tucker import cp_rebuild
@@ -65,6 +66,29 @@ class LoHaAdapter(Adapter):
     pairs = (("hada_t1", "hada_t2"), ("hada_t2", "hada_t1"))
     supports_dora = True
     rank_dropout_scale_default = True  # PEFT's LoHa always rescales kept rows
+
+    def norm_needs_delta(self) -> bool:
+        """Output-axis norms come from the Khatri-Rao factors (inner rank ``r²``) when that is cheaper than building
+        ``ΔW``: ``r²`` multiply-adds per weight element against two rank-``r`` products and about four
+        weight-sized tensors written (:func:`lyco.ops.paths.element_cost`); CP cores and the input axis build it."""
+        if not self.wd_on_out or self.plan.use_cp:
+            return True
+        r = self.plan.r
+        return r * r > 2 * r + 4 * element_cost(self.first_param().device.type)
+
+    def weight_norm(self, weight, scale, delta=None):
+        """Output-axis norms of ``W + s·(w1_a w1_b) ⊙ (w2_a w2_b)`` as those of ``W + s·ka @ kb``
+        (:func:`lyco.ops.hadamard.hada_khatri_rao`, :func:`lyco.ops.dora.lora_row_norm`: no weight-sized tensor),
+        in fp32; otherwise from the built sum."""
+        if delta is not None or self.norm_needs_delta():
+            return super().weight_norm(weight, scale, delta)
+        dtype = torch.promote_types(weight.dtype, torch.float32)  # the sum cancels: fp32 at least (fp64 stays)
+        with torch.no_grad():
+            t = self.tensors(dtype)
+            ka, kb = hada_khatri_rao(t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"])
+            w = weight.reshape(weight.shape[0], -1).to(dtype)
+            norm = lora_row_norm(w, kb, ka, scale, self.base_row_sq(weight, w))
+            return norm.to(weight.dtype).reshape(self.dora_scale.shape)
 
     # -- module --------------------------------------------------------------------------------
     def create_parameters(self, config: LoHaConfig, *, device, dtype) -> None:

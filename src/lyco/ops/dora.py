@@ -57,12 +57,15 @@ def lokr_row_norm(
 ) -> torch.Tensor:
     """``‖W + s·kron(w1, w2)‖ + ε`` per output row ``(out,)`` without building the Kronecker product: with rows
     ``(a, c)`` and columns ``(b, d)``, ``‖ΔW_(a,c)‖² = ‖w1_a‖²·‖w2_c‖²`` and ``⟨W_(a,c), ΔW_(a,c)⟩ = Σ_b w1_ab
-    Σ_d W_(a,c),(b,d) w2_cd`` — one pass over ``W``. ``weight (out_l·out_r, in_l·in_r·∏k)``, ``w1 (out_l,
-    in_l)``, ``w2 (out_r, in_r·∏k)`` (a conv kernel folded into ``w2``'s columns), one dtype."""
+    Σ_d W_(a,c),(b,d) w2_cd`` — one pass over ``W`` and no ``W``-sized temporary (a matmul batched over the row
+    blocks ``(a, c)``, which reads ``W`` in place; an einsum copies it into a batched layout, a broadcast product
+    writes one — both a second ``W``-sized memory pass). ``weight (out_l·out_r, in_l·in_r·∏k)``,
+    ``w1 (out_l, in_l)``, ``w2 (out_r, in_r·∏k)`` (a conv kernel folded into ``w2``'s columns), one dtype."""
     out_l, in_l = w1.shape
     out_r = w2.shape[0]
     w4 = weight.reshape(out_l, out_r, in_l, w2.shape[1])
-    cross = torch.einsum("acb,ab->ac", torch.einsum("acbe,ce->acb", w4, w2), w1).reshape(-1)
+    inner = torch.matmul(w4, w2.unsqueeze(-1)).squeeze(-1)  # (a, c, b): Σ_d W_(a,c),(b,d) w2_cd
+    cross = (inner * w1.unsqueeze(1)).sum(-1).reshape(-1)
     delta_sq = torch.outer(w1.square().sum(1), w2.square().sum(1)).reshape(-1)
     own = row_sq(weight) if weight_sq is None else weight_sq
     sq = own + 2 * scale * cross + scale * scale * delta_sq
