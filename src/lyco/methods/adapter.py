@@ -77,6 +77,7 @@ class Adapter(nn.Module, MethodSchema, ABC):
             )
         self.spec = spec
         self.plan = plan
+        self._costs: dict[tuple, tuple[float, float] | None] = {}  # path_costs per call shape (plans are frozen)
         self.r = r
         self.alpha = float(alpha)
         self.base_scaling = self.config_scaling(config, r, self.alpha)
@@ -259,7 +260,15 @@ class Adapter(nn.Module, MethodSchema, ABC):
         ``self.path``, ``LYCO_PATH`` or the cheaper one by the cost model."""
         if self.spec.kind == "conv" and (not self.factored_conv or self.spec.groups != 1):
             return "dense"
-        costs = self.path_costs(n_rows, device_type, grad=grad, fused=fused)
+        key, memo = (n_rows, device_type, grad, fused), not torch.compiler.is_compiling()  # compiled: no dict guards
+        if memo and key in self._costs:  # a decode loop asks the same question for every token (~10 µs per layer)
+            costs = self._costs[key]
+        else:
+            costs = self.path_costs(n_rows, device_type, grad=grad, fused=fused)
+            if memo:
+                if len(self._costs) >= 64:  # varying sequence lengths: keep the memo small
+                    self._costs.clear()
+                self._costs[key] = costs
         return "dense" if costs is None else choose_path(*costs, self.path)
 
     @classmethod
