@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -87,3 +88,43 @@ def test_resize_states_the_new_ranks(tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     meta = metadata(out)
     assert meta["ss_network_dim"] == "2" and meta["ss_network_alpha"] == "2.0" and meta["ss_output_name"] == "mine"
+
+
+def _unet(**extra):
+    import diffusers
+
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=4, attention_head_dim=4, **extra,
+    )  # fmt: skip
+
+
+def test_base_model_version_is_written_for_sd_families(tmp_path):
+    """kohya's ss_base_model_version / ss_v2 (AUTOMATIC1111 files a LoRA under SDXL only for "sdxl_…", under SD2
+    only with ss_v2 "True"); the user's metadata wins; models lyco cannot place get neither key."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    flux = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                            pooled_projection_dim=8, axes_dims_rope=(2, 2, 4))  # fmt: skip
+    cases = {
+        "flux1": flux,
+        "sd_v1": _unet(cross_attention_dim=768),
+        "sd_v2": _unet(cross_attention_dim=1024),
+        "sdxl_base_v1-0": _unet(cross_attention_dim=32, addition_embed_type="text_time", addition_time_embed_dim=4,
+                                projection_class_embeddings_input_dim=8 + 6 * 4),
+        None: _unet(cross_attention_dim=16),
+    }  # fmt: skip
+    for version, unet in cases.items():
+        model = lyco.get_model(unet, lyco.LoRAConfig(r=2, target_modules=["to_q"]))  # Flux too: attn.to_q
+        path = tmp_path / f"{version}.safetensors"
+        lyco.save_lycoris(model, path, style="kohya")
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        assert meta.get("ss_base_model_version") == version
+        assert meta.get("ss_v2") == (None if version is None else str(version == "sd_v2"))
+    lyco.save_lycoris(model, tmp_path / "mine.safetensors", metadata={"ss_base_model_version": "sd_v1"})
+    with safe_open(str(tmp_path / "mine.safetensors"), "pt") as f:
+        assert f.metadata()["ss_base_model_version"] == "sd_v1"

@@ -18,6 +18,7 @@ from .errors import ArgumentError, FormatError
 from .formats.adapterfile import AdapterFile, ModuleAdapter
 from .formats.keys import infer_component
 from .formats.lycoris import read_lycoris_file, write_lycoris_file
+from .formats.metadata import base_model_metadata
 from .formats.names import ModuleTable
 from .formats.peft_config import ConfigFit, fit_config
 from .methods.config import config_parts
@@ -67,10 +68,13 @@ def save_lycoris(
     for ``style``).
 
     A LoKr module with both factors full and ``alpha ≠ r`` is written with ``alpha / r`` folded into
-    ``lokr_w1`` (files apply scale 1 there), so every reader computes the same output.
+    ``lokr_w1`` (files apply scale 1 there), so every reader computes the same output. For a diffusers
+    SD1/SD2/SDXL UNet or Flux.1 transformer the header says which (kohya's ``ss_base_model_version`` and
+    ``ss_v2``: AUTOMATIC1111 lists a file for a checkpoint of that family by them); ``metadata`` overrides.
     """
     af = adapter_file(model, adapter_name)
     component = infer_component(model.model, list(af.modules))
+    metadata = {**base_model_metadata(model.model), **(metadata or {})}  # the user's values win
     write_lycoris_file(af, path, style=style, prefix=prefix, metadata=metadata, component=component)
 
 

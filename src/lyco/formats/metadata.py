@@ -7,7 +7,8 @@
 2. the ``ss_network_*`` keys it lacks, computed from the tensors (:func:`network_metadata`:
    ``ss_network_module``, most common rank and alpha, and ``ss_network_args`` merged key by key, the
    declared ones winning);
-3. the caller's ``metadata`` (strings only), on top.
+3. the caller's ``metadata`` (strings only), on top — :func:`lyco.save_lycoris` puts the base model's
+   ``ss_base_model_version`` / ``ss_v2`` there (:func:`base_model_metadata`), below the user's own.
 
 Values are strings, ``ss_network_args`` a JSON object of strings (kohya passes ``--network_args`` through
 as strings: ``"True"``, ``"8"``).
@@ -24,6 +25,37 @@ from .adapterfile import AdapterFile
 
 NETWORK_MODULE = "lycoris.kohya"
 ARGS = "ss_network_args"
+
+# kohya sd-scripts' ``ss_base_model_version`` values (model_util.get_model_version_str_for_sd1_sd2,
+# sdxl_model_util.MODEL_VERSION_SDXL_BASE_V1_0, flux_utils.MODEL_VERSION_FLUX_V1). AUTOMATIC1111 shows a file
+# on its Lora page for SDXL checkpoints only when the value starts with "sdxl_", for SD2 only with ss_v2 "True".
+SD1, SD2, SDXL, FLUX1 = "sd_v1", "sd_v2", "sdxl_base_v1-0", "flux1"
+
+
+def base_model_version(model: object) -> str | None:
+    """kohya's name for the architecture of ``model`` (a diffusers UNet / Flux transformer, or an object holding
+    one as ``unet`` / ``transformer``), from its config: SDXL (``addition_embed_type="text_time"``), SD2 (text
+    features 1024), SD1 (768), Flux.1; ``None`` when it cannot tell (text encoders, other models)."""
+    for inner in (model, getattr(model, "unet", None), getattr(model, "transformer", None)):
+        if inner is None:
+            continue
+        name, config = type(inner).__name__, getattr(inner, "config", None)
+        if name == "FluxTransformer2DModel":
+            return FLUX1
+        if name == "UNet2DConditionModel" and config is not None:
+            if getattr(config, "addition_embed_type", None) == "text_time":
+                return SDXL
+            return {768: SD1, 1024: SD2}.get(getattr(config, "cross_attention_dim", None))
+    return None
+
+
+def base_model_metadata(model: object) -> dict[str, str]:
+    """``ss_base_model_version`` and ``ss_v2`` as kohya's trainer writes them for ``model`` (empty when
+    :func:`base_model_version` cannot tell)."""
+    version = base_model_version(model)
+    if version is None:
+        return {}
+    return {"ss_base_model_version": version, "ss_v2": str(version == SD2)}
 
 
 def effective_alpha(rank: int | None, alpha: float | None, r: int) -> float:
