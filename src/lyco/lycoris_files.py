@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 
 from torch import nn
 
 from .errors import ArgumentError, FormatError
 from .formats.adapterfile import AdapterFile, ModuleAdapter
+from .formats.consumers import consumer_warnings, diffusion_model
 from .formats.keys import infer_component
 from .formats.lycoris import read_lycoris_file, write_lycoris_file
 from .formats.metadata import base_model_metadata
@@ -71,11 +73,16 @@ def save_lycoris(
     ``lokr_w1`` (files apply scale 1 there), so every reader computes the same output. For a diffusers
     SD1/SD2/SDXL UNet or Flux.1 transformer the header says which (kohya's ``ss_base_model_version`` and
     ``ss_v2``: AUTOMATIC1111 lists a file for a checkpoint of that family by them); ``metadata`` overrides.
+    For diffusers models a ``UserWarning`` names what a known consumer would not apply as lyco does
+    (:func:`lyco.formats.consumers.consumer_warnings`: style ``lycoris`` in AUTOMATIC1111, output-axis DoRA in
+    ComfyUI and AUTOMATIC1111, LoKr CP cores in ComfyUI).
     """
     af = adapter_file(model, adapter_name)
     component = infer_component(model.model, list(af.modules))
     metadata = {**base_model_metadata(model.model), **(metadata or {})}  # the user's values win
     write_lycoris_file(af, path, style=style, prefix=prefix, metadata=metadata, component=component)
+    if diffusion_model(model.model) and (notes := consumer_warnings(af, style)):
+        warnings.warn(f"{path}: written; known consumer shortfalls:\n  " + "\n  ".join(notes), stacklevel=2)
 
 
 def _fit(root: nn.Module, af: AdapterFile, skip: set[str]) -> ConfigFit:

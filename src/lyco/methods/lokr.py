@@ -268,6 +268,15 @@ class LoKrAdapter(Adapter):
         return plans, {"decompose_both": decompose_both, "decompose_factor": f, "use_effective_conv2d": use_cp}, problems
 
     @classmethod
+    def consumer_issues(cls, shapes):
+        """ComfyUI skips a module with a CP core: ``torch.kron`` on the non-contiguous core product raises and the
+        error is only logged (ComfyUI issue #11245, checked on its commit fe25114)."""
+        if "lokr_t2" in shapes:
+            return ["ComfyUI leaves LoKr modules with a CP core (lokr_t2) unpatched (its issue #11245); save without "
+                    "use_effective_conv2d for ComfyUI"]  # fmt: skip
+        return []
+
+    @classmethod
     def network_args(cls, modules):
         """lycoris-lora's ``factor`` (when one gives every split), ``decompose_both``, ``full_matrix`` (every
         module full–full) and ``use_tucker``."""

@@ -279,6 +279,12 @@ class MethodSchema:
         of each module of this method in a file. Default: none."""
         return {}
 
+    @classmethod
+    def consumer_issues(cls, shapes: Mapping[str, Shape]) -> list[str]:
+        """Known defects of the tools that apply adapter files (ComfyUI, AUTOMATIC1111…) that a module with these
+        tensor ``shapes`` runs into: one sentence each, naming the consumer and what it does. Default: none."""
+        return []
+
     # -- tools -----------------------------------------------------------------------------------
     @classmethod
     def extract(cls, delta: torch.Tensor, opts: FitOptions) -> dict[str, torch.Tensor]:
