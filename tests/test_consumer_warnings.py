@@ -46,3 +46,42 @@ def test_files_every_consumer_applies_warn_nothing(tmp_path):
     other = nn.Sequential(nn.Linear(8, 8))  # not a diffusion model: ComfyUI / AUTOMATIC1111 are not its consumers
     model = lyco.get_model(other, lyco.LoRAConfig(r=2, target_modules=["0"], weight_decompose=True))
     assert saved_warnings(model, tmp_path / "l.safetensors") == []
+
+
+@pytest.mark.parametrize("decompose_both", [False, True])
+def test_consumer_safe_writes_the_lokr_core_as_a_plain_pair(tmp_path, decompose_both):
+    from safetensors.torch import load_file
+
+    config = lyco.LoKrConfig(r=2, alpha=3, target_modules=["conv1", "conv2"], use_effective_conv2d=True,
+                             decompose_both=decompose_both, decompose_factor=4, init_weights=False)  # fmt: skip
+    model = lyco.get_model(unet(), config)
+    layers = dict(model.adapted_layers())
+    path = tmp_path / "safe.safetensors"
+    assert saved_warnings(model, path, style="kohya", consumer_safe=True) == []
+    keys = load_file(str(path))
+    assert not any(k.endswith("lokr_t2") for k in keys) and any(k.endswith("lokr_w2_b") for k in keys)
+    again = lyco.load_lycoris(unet(), path)
+    for name, layer in dict(again.adapted_layers()).items():  # same ΔW and scale, plain layout (fp32: 1e-6)
+        torch.testing.assert_close(layer.get_delta_weight("default"), layers[name].get_delta_weight("default"),
+                                   atol=1e-6, rtol=1e-5)  # fmt: skip
+        assert "lokr_t2" not in dict(layer.lyco_adapters["default"].named_parameters())
+
+
+def test_convert_consumer_safe_drops_the_core_and_restates_the_args(tmp_path, capsys):
+    import json
+
+    from safetensors import safe_open
+
+    from lyco import cli
+
+    model = lyco.get_model(nn.Sequential(nn.Conv2d(8, 32, 3)),
+                           lyco.LoKrConfig(r=2, use_effective_conv2d=True, target_modules=["0"], init_weights=False))  # fmt: skip
+    src, dst = tmp_path / "cp.safetensors", tmp_path / "safe.safetensors"
+    lyco.save_lycoris(model, src)
+    assert cli.main(["convert", str(src), str(dst), "--consumer-safe", "--no-progress"]) == 0
+    assert "max relative ΔW difference 0.0e+00" in capsys.readouterr().out  # convert checks ΔW itself
+    with safe_open(str(dst), "pt") as f:
+        names = f.keys()  # safe_open is not iterable
+        assert not any(k.endswith("lokr_t2") for k in names)
+        args = json.loads(f.metadata()["ss_network_args"])
+    assert "use_tucker" not in args and args["conv_dim"] == "2"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -182,16 +183,25 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
         help="base weights (.safetensors file or folder) or config.json: resolves kohya underscore names "
         "to module paths and gives weight shapes (needed for kohya files → PEFT)",
     )  # fmt: skip
+    p.add_argument(
+        "--consumer-safe", action="store_true",
+        help="write every module in a layout ComfyUI and AUTOMATIC1111 apply as lyco does, where one with the "
+        "same ΔW exists (a LoKr CP core lokr_t2 becomes a plain low-rank lokr_w2_a/b)",
+    )  # fmt: skip
     _common(p)
     p.set_defaults(func=_run_convert)
 
 
 def _run_convert(args: argparse.Namespace) -> int:
+    from .formats.metadata import without_derived_args
     from .tools.base_weights import index_base
     from .tools.convert import compare_adapters, prepare
 
     af = prepare(_read(args.src, args), index_base(args.base) if args.base else None, target_format(args.dst, args.to))
-    out = write_adapter(af, args.dst, to=args.to, style=args.style, prefix=args.prefix)
+    written = af
+    if args.consumer_safe:  # the same ΔW in layouts the checked consumers apply; layout args derived anew
+        written = dataclasses.replace(af.in_consumer_layout(), metadata=without_derived_args(af.metadata, af))
+    out = write_adapter(written, args.dst, to=args.to, style=args.style, prefix=args.prefix)
     worst, n = compare_adapters(af, read_adapter(out, allow_pickle=False))
     print(f"wrote {out} ({target_format(out, args.to)}): {n} module(s), max relative ΔW difference {worst:.1e}")
     if worst >= 1e-5:

@@ -65,6 +65,7 @@ def save_lycoris(
     prefix: str | None = None,
     metadata: dict[str, str] | None = None,
     style: str = "lycoris",
+    consumer_safe: bool = False,
 ) -> None:
     """Save one adapter of ``model`` as a LyCORIS/kohya file (see :func:`lyco.formats.write_lycoris_file`
     for ``style``).
@@ -75,9 +76,13 @@ def save_lycoris(
     ``ss_v2``: AUTOMATIC1111 lists a file for a checkpoint of that family by them); ``metadata`` overrides.
     For diffusers models a ``UserWarning`` names what a known consumer would not apply as lyco does
     (:func:`lyco.formats.consumers.consumer_warnings`: style ``lycoris`` in AUTOMATIC1111, output-axis DoRA in
-    ComfyUI and AUTOMATIC1111, LoKr CP cores in ComfyUI).
+    ComfyUI and AUTOMATIC1111, LoKr CP cores in ComfyUI). ``consumer_safe=True`` writes every module in a layout
+    those consumers apply, where one exists with the same ΔW (a LoKr CP core becomes a plain low-rank ``w2``);
+    the file then reloads as that layout.
     """
     af = adapter_file(model, adapter_name)
+    if consumer_safe:  # the same ΔW in layouts that no checked consumer mishandles
+        af = af.in_consumer_layout()
     component = infer_component(model.model, list(af.modules))
     metadata = {**base_model_metadata(model.model), **(metadata or {})}  # the user's values win
     write_lycoris_file(af, path, style=style, prefix=prefix, metadata=metadata, component=component)

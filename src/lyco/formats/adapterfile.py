@@ -9,6 +9,7 @@ module's tensors mean — rank, layer shape, plan, ``ΔW`` — is its method's
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -149,6 +150,12 @@ class ModuleAdapter:
             out = self.method.matvec({k: t.float() for k, t in self.tensors.items()}, plan, v.float())
         return out * self.scale()
 
+    def in_consumer_layout(self) -> ModuleAdapter:
+        """The same module in tensors every checked consumer applies (the method's ``consumer_layout``); the layer
+        shape is read off the tensors before (a CP core tells a conv kernel that flat factors do not)."""
+        shape = self.weight_shape or self.guess_weight_shape()
+        return ModuleAdapter(self.algo, self.method.consumer_layout(self.tensors), self.alpha, tuple(shape))
+
     def with_scale_folded(self, factor: float, alpha: float) -> ModuleAdapter:
         """A copy whose tensors carry ``factor`` (e.g. PEFT's ``alpha / r`` for a module files scale by 1) and
         whose stored alpha is ``alpha``."""
@@ -177,6 +184,10 @@ class AdapterFile:
     metadata: dict[str, str] = field(default_factory=dict)
     config: dict | None = None
     resolved: bool = True
+
+    def in_consumer_layout(self) -> AdapterFile:
+        """The same adapter with every module in a layout the checked consumers apply as lyco does."""
+        return dataclasses.replace(self, modules={n: m.in_consumer_layout() for n, m in self.modules.items()})
 
     def algos(self) -> set[str]:
         return {m.algo for m in self.modules.values()}

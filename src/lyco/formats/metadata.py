@@ -126,6 +126,16 @@ def without_ranks(metadata: dict[str, str]) -> dict[str, str]:
     return out
 
 
+def without_derived_args(metadata: dict[str, str], af: AdapterFile) -> dict[str, str]:
+    """``metadata`` minus the ``ss_network_args`` that :func:`network_metadata` derives from ``af``'s tensors (a tool
+    that changed the layout, e.g. ``lyco convert --consumer-safe``, leaves them to be derived again from the new
+    ones); args the tensors do not state (a preset, a trainer's own) are kept."""
+    if ARGS not in metadata:
+        return dict(metadata)
+    derived = _args(network_metadata(af).get(ARGS))
+    return {**metadata, ARGS: json.dumps({k: v for k, v in _args(metadata[ARGS]).items() if k not in derived})}
+
+
 def file_metadata(af: AdapterFile, user: dict[str, str] | None = None) -> dict[str, str]:
     """The metadata a writer puts in ``af``'s file (see the module docstring)."""
     out = {k: v for k, v in af.metadata.items() if not k.startswith("sshs_")}

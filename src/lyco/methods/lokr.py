@@ -272,9 +272,22 @@ class LoKrAdapter(Adapter):
         """ComfyUI skips a module with a CP core: ``torch.kron`` on the non-contiguous core product raises and the
         error is only logged (ComfyUI issue #11245, checked on its commit fe25114)."""
         if "lokr_t2" in shapes:
-            return ["ComfyUI leaves LoKr modules with a CP core (lokr_t2) unpatched (its issue #11245); save without "
-                    "use_effective_conv2d for ComfyUI"]  # fmt: skip
+            return ["ComfyUI leaves LoKr modules with a CP core (lokr_t2) unpatched (its issue #11245); "
+                    "consumer_safe=True writes the same ΔW without the core"]  # fmt: skip
         return []
+
+    @classmethod
+    def consumer_layout(cls, tensors):
+        """A CP ``w2 = cp(t2, w2_a, w2_b)`` as the plain low-rank pair of the same rank: ``w2_a = lokr_w2_aᵀ (out_r,
+        r)``, ``w2_b[i, (q, k)] = Σ_j t2[i, j, k] · lokr_w2_b[j, q]`` ``(r, in_r·∏k)`` — exact, ``r·in_r·∏k`` numbers
+        instead of ``r·in_r + r²·∏k``."""
+        out = dict(tensors)
+        if "lokr_t2" not in out:
+            return out
+        t2, wa, wb = out.pop("lokr_t2"), out.pop("lokr_w2_a"), out.pop("lokr_w2_b")
+        out["lokr_w2_a"] = wa.T.contiguous()
+        out["lokr_w2_b"] = torch.einsum("ij...,jq->iq...", t2, wb).flatten(1).contiguous()
+        return out
 
     @classmethod
     def network_args(cls, modules):

@@ -285,6 +285,12 @@ class MethodSchema:
         tensor ``shapes`` runs into: one sentence each, naming the consumer and what it does. Default: none."""
         return []
 
+    @classmethod
+    def consumer_layout(cls, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The same ``ΔW`` and rank in tensors that avoid :meth:`consumer_issues` (canonical layouts). Default:
+        the tensors as they are."""
+        return dict(tensors)
+
     # -- tools -----------------------------------------------------------------------------------
     @classmethod
     def extract(cls, delta: torch.Tensor, opts: FitOptions) -> dict[str, torch.Tensor]:
