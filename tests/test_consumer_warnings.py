@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -68,8 +69,6 @@ def test_consumer_safe_writes_the_lokr_core_as_a_plain_pair(tmp_path, decompose_
 
 
 def test_convert_consumer_safe_drops_the_core_and_restates_the_args(tmp_path, capsys):
-    import json
-
     from safetensors import safe_open
 
     from lyco import cli
@@ -85,3 +84,17 @@ def test_convert_consumer_safe_drops_the_core_and_restates_the_args(tmp_path, ca
         assert not any(k.endswith("lokr_t2") for k in names)
         args = json.loads(f.metadata()["ss_network_args"])
     assert "use_tucker" not in args and args["conv_dim"] == "2"
+
+
+def test_inspect_reports_the_consumer_notes(tmp_path, capsys):
+    from lyco import cli
+
+    model = lyco.get_model(nn.Sequential(nn.Conv2d(8, 32, 3)),
+                           lyco.LoKrConfig(r=2, use_effective_conv2d=True, target_modules=["0"], init_weights=False))  # fmt: skip
+    lyco.save_lycoris(model, tmp_path / "a.safetensors")  # lycoris style, CP core: two notes
+    assert cli.main(["inspect", str(tmp_path / "a.safetensors"), "--json"]) == 0
+    notes = json.loads(capsys.readouterr().out)["consumer_notes"]
+    assert len(notes) == 2 and "#11245" in notes[0] and notes[1] == LYCORIS_NAMES
+    lyco.save_lycoris(model, tmp_path / "b.safetensors", style="kohya", consumer_safe=True)
+    assert cli.main(["inspect", str(tmp_path / "b.safetensors")]) == 0
+    assert "consumers" not in capsys.readouterr().out

@@ -273,7 +273,7 @@ class LoKrAdapter(Adapter):
         error is only logged (ComfyUI issue #11245, checked on its commit fe25114)."""
         if "lokr_t2" in shapes:
             return ["ComfyUI leaves LoKr modules with a CP core (lokr_t2) unpatched (its issue #11245); "
-                    "consumer_safe=True writes the same ΔW without the core"]  # fmt: skip
+                    "consumer_safe=True (lyco convert --consumer-safe) writes the same ΔW without the core"]  # fmt: skip
         return []
 
     @classmethod

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..formats.adapterfile import AdapterFile, ModuleAdapter
+from ..formats.consumers import consumer_warnings
 
 CONVENTIONS = {
     "peft": "PEFT (base_model.model.<module>.<param>)",
@@ -60,6 +61,7 @@ class AdapterReport:
     metadata: dict[str, str] = field(default_factory=dict)
     network_args: dict[str, Any] | None = None
     config: dict[str, Any] | None = None
+    consumer_notes: list[str] = field(default_factory=list)  # known ComfyUI / AUTOMATIC1111 shortfalls (files)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,4 +129,5 @@ def describe(af: AdapterFile, path: str | os.PathLike) -> AdapterReport:
         metadata=dict(sorted(af.metadata.items())),
         network_args=network_args,
         config=af.config,
+        consumer_notes=[] if Path(path).is_dir() else consumer_warnings(af, style=af.convention),
     )
