@@ -141,7 +141,7 @@ def assert_model_unchanged(model: lyco.LycoModel, before: tuple) -> None:
         (lambda m, c: m.add_adapter("new", c(target_modules=["fc", "emb"])), lyco.UnsupportedLayerError, "Embedding"),
         (lambda m, c: m.add_adapter("new", c(target_modules=["fc", "norm"])), lyco.UnsupportedLayerError, "LayerNorm"),
         (lambda m, c: m.add_adapter("new", c(target_modules=["heda"])), lyco.TargetError, "closest: head"),
-        (lambda m, c: m.delete_adapter("default"), lyco.AdapterNameError, "active"),
+        (lambda m, c: m.set_requires_grad(["default", "nope"], False), lyco.AdapterNameError, "unknown"),
         (lambda m, c: m.delete_adapter("nope"), lyco.AdapterNameError, "unknown"),
         (lambda m, c: m.set_adapter("nope"), lyco.AdapterNameError, "unknown"),
         (lambda m, c: m.set_adapter(["default", "nope"]), lyco.AdapterNameError, "nope"),

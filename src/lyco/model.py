@@ -97,6 +97,7 @@ class LycoModel(AdapterIO):
         self.peft_config: dict[str, AdapterConfig | MixedConfig] = {}
         self._active: list[str] = []
         self._frozen: set[str] = set()
+        self._layers_disabled = False  # disable_adapter_layers(): base output until enable_adapter_layers()
         self._base_requires_grad: list[tuple[nn.Parameter, bool]] = []
         self.autocast_adapter_dtype = autocast_adapter_dtype
         self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage, plans=plans)
@@ -136,6 +137,8 @@ class LycoModel(AdapterIO):
 
     @property
     def active_adapter(self) -> str:
+        if not self._active:
+            raise AdapterNameError("the model has no active adapter (every adapter was deleted); add_adapter() one")
         return self._active[0]
 
     # -- adding / removing -------------------------------------------------------------------
@@ -218,6 +221,7 @@ class LycoModel(AdapterIO):
             layer.compute_dtype = self.compute_dtype
             layer.lyco_adapters[adapter_name] = adapter
             layer.active_adapters = list(self._active)
+            layer.disable_adapters = self._layers_disabled
             if layer is not module:
                 _set_submodule(self.model, name, layer)
         for name in to_save:
@@ -227,6 +231,7 @@ class LycoModel(AdapterIO):
                 _set_submodule(self.model, name, wrapper)
             wrapper.add(adapter_name)
             wrapper.set_active(self._active)
+            wrapper.disable_adapters = self._layers_disabled
         self.peft_config[adapter_name] = config
         self._update_trainable()
 
@@ -250,7 +255,7 @@ class LycoModel(AdapterIO):
         self._update_trainable()
 
     def _update_trainable(self) -> None:
-        train = {n for n in self._active if n not in self._frozen}
+        train = set() if self._layers_disabled else {n for n in self._active if n not in self._frozen}
         for _, layer in self.adapted_layers():
             for name, adapter in layer.lyco_adapters.items():
                 adapter.requires_grad_(name in train)
@@ -264,16 +269,42 @@ class LycoModel(AdapterIO):
         (self._frozen.discard if trainable else self._frozen.add)(adapter_name)
         self._update_trainable()
 
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """PEFT's ``set_requires_grad``: turn gradients of the given adapters' weights (and ``modules_to_save``
+        copies) on or off, active or not. ``set_adapter`` later recomputes them (active and not frozen), as in
+        PEFT; for active adapters the choice is kept (:meth:`set_trainable`)."""
+        names = names_arg(adapter_names, "set_requires_grad")
+        self.require_adapters(names)
+        if not isinstance(requires_grad, bool):
+            raise ArgumentError(f"set_requires_grad takes requires_grad=True or False, got {requires_grad!r}")
+        for name in names:
+            (self._frozen.discard if requires_grad else self._frozen.add)(name)
+        for _, layer in self.adapted_layers():
+            for name in names:
+                if name in layer.lyco_adapters:
+                    layer.lyco_adapters[name].requires_grad_(requires_grad)
+        for _, wrapper in self.saved_modules():
+            for name in names:
+                if name in wrapper.modules_to_save:
+                    wrapper.modules_to_save[name].requires_grad_(requires_grad)
+
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an inactive, unmerged adapter; layers left without adapters are unwrapped."""
+        """Remove an unmerged adapter; layers left without adapters are unwrapped. Deleting an active adapter
+        leaves the other active ones active or, when none is left, activates the first remaining adapter by name
+        (with a warning) — PEFT's rule; deleting the last adapter leaves the base model (frozen, as PEFT)."""
         self.require_adapters([adapter_name])
-        if adapter_name in self._active:
-            raise AdapterNameError(
-                f"adapter {adapter_name!r} is active; set_adapter() to another one before deleting it"
-            )
         merged = [n for n, layer in self.adapted_layers() if adapter_name in layer.merged_adapters]
         if merged:
             raise AdapterNameError(f"adapter {adapter_name!r} is merged in {merged[:3]}...; unmerge_adapter() first")
+        active = [n for n in self._active if n != adapter_name]
+        if adapter_name in self._active and not active:
+            remaining = sorted(n for n in self.peft_config if n != adapter_name)
+            if remaining:
+                warnings.warn(
+                    f"adapter {adapter_name!r} was active and is deleted; the active adapter is now {remaining[0]!r}",
+                    stacklevel=2,
+                )
+                active = remaining[:1]
         for name, layer in list(self.adapted_layers()):
             if adapter_name in layer.lyco_adapters:
                 del layer.lyco_adapters[adapter_name]
@@ -286,12 +317,39 @@ class LycoModel(AdapterIO):
                     _set_submodule(self.model, name, wrapper.original_module)
         del self.peft_config[adapter_name]
         self._frozen.discard(adapter_name)
+        if active != self._active:
+            if active:
+                self.set_adapter(active)
+            else:
+                self._active = []
 
     # -- enable / disable ----------------------------------------------------------------------
+    def disable_adapter_layers(self) -> None:
+        """PEFT's ``disable_adapter_layers``: from now on the model computes its base output and no adapter weight
+        requires grad, until :meth:`enable_adapter_layers`. Merged adapters are unmerged first (with a warning; PEFT's
+        forward does the same)."""
+        layers = [layer for _, layer in self.adapted_layers()]
+        if any(layer.merged for layer in layers):
+            warnings.warn("disable_adapter_layers() unmerges the merged adapters", stacklevel=2)
+            for layer in layers:
+                layer.unmerge()
+        self._set_layers_disabled(True)
+
+    def enable_adapter_layers(self) -> None:
+        """PEFT's ``enable_adapter_layers``: the active adapters run again and are trainable as before."""
+        self._set_layers_disabled(False)
+
+    def _set_layers_disabled(self, disabled: bool) -> None:
+        self._layers_disabled = disabled
+        for _, m in [*self.adapted_layers(), *self.saved_modules()]:
+            m.disable_adapters = disabled
+        self._update_trainable()
+
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Context in which the model computes its base output. Merged adapters are unmerged on
-        entry (with a warning) and merged again on exit."""
+        entry (with a warning) and merged again on exit; layers disabled by :meth:`disable_adapter_layers`
+        stay disabled after it (PEFT re-enables them)."""
         layers = list(self.adapted_layers())
         remerge = {name: list(layer.merged_adapters) for name, layer in layers if layer.merged}
         if remerge:
@@ -305,7 +363,7 @@ class LycoModel(AdapterIO):
             yield
         finally:
             for m in [layer for _, layer in layers] + wrappers:
-                m.disable_adapters = False
+                m.disable_adapters = self._layers_disabled
             for name, layer in layers:
                 if name in remerge:
                     layer.merge(adapter_names=remerge[name])
@@ -348,6 +406,7 @@ class LycoModel(AdapterIO):
             _set_submodule(self.model, name, wrapper.current if merge else wrapper.original_module)
         self.peft_config.clear()
         self._active = []
+        self._layers_disabled = False
         for p, flag in self._base_requires_grad:
             p.requires_grad_(flag)
         self._base_requires_grad = []

@@ -98,8 +98,11 @@ class AdapterIO(nn.Module):
         is_trainable: bool = False,
         allow_pickle: bool = False,
         subfolder: str | None = None,
+        low_cpu_mem_usage: bool = False,
     ) -> None:
-        """Load an adapter directory (written by lyco or peft) as a new adapter ``adapter_name``."""
+        """Load an adapter directory (written by lyco or peft) as a new adapter ``adapter_name``.
+        ``low_cpu_mem_usage`` (PEFT's): accepted; lyco always builds the adapter on the meta device and fills it
+        from the file, so memory never holds two copies."""
         table = ModuleTable.from_module(self.model)
         config, tensors = read_peft_dir(model_id, allow_pickle=allow_pickle, subfolder=subfolder, table=table)
         self.load_adapter_tensors(adapter_name, config, tensors, is_trainable=is_trainable, source=str(model_id), key_names=peft_key)
@@ -113,10 +116,12 @@ class AdapterIO(nn.Module):
         is_trainable: bool = False,
         allow_pickle: bool = False,
         subfolder: str | None = None,
+        low_cpu_mem_usage: bool = False,
         **kwargs: Any,
     ) -> Self:
         """Wrap ``model`` with the adapter stored in ``model_id`` (a PEFT directory); on any error ``model`` is
-        left as it was. ``kwargs``: :class:`LycoModel` options (``compute_dtype``, ``autocast_adapter_dtype``)."""
+        left as it was. ``kwargs``: :class:`LycoModel` options (``compute_dtype``, ``autocast_adapter_dtype``).
+        ``low_cpu_mem_usage``: accepted for PEFT's signature; loading is always on the meta device first."""
         table = ModuleTable.from_module(as_module(model, "from_pretrained"))
         config, tensors = read_peft_dir(model_id, allow_pickle=allow_pickle, subfolder=subfolder, table=table)
         return cls.from_adapter_tensors(
