@@ -29,12 +29,13 @@ ALLOWED: dict[str, set[str]] = {
               "model_io"},
     "lycoris_files": {"errors", "ops", "methods", "formats", "targeting", "tree", "model"},
     "integrations": {"errors", "ops", "methods", "formats", "sharding", "tree", "model", "model_io"},
+    "functional": {"errors", "ops", "methods", "formats", "tree", "model", "model_io"},
     "tools": {"errors", "ops", "methods", "formats"},
     "cli_output": {"tools"},
     "cli": {"lyco", "errors", "ops", "formats", "tools", "cli_output", "demo"},
     "demo": {"lyco"},
     "__main__": {"cli"},
-    "lyco": {"errors", "layer", "lycoris_files", "methods", "model", "modules_to_save", "ops"},
+    "lyco": {"errors", "functional", "layer", "lycoris_files", "methods", "model", "modules_to_save", "ops"},
 }
 
 

@@ -141,3 +141,53 @@ def test_low_cpu_mem_usage_is_accepted_on_loading(tmp_path):
     again.set_adapter("copy")
     with torch.no_grad():
         torch.testing.assert_close(again(X), copy.deepcopy(mine)(X), atol=1e-6, rtol=0)
+
+
+# -- the functional trio ------------------------------------------------------------------------------------------
+def _peft_injected(config):
+    model = peft.inject_adapter_in_model(config, base(), adapter_name="p")
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(k in name for k in ("lora_", "lokr_", "hada_")):
+                param.copy_(torch.randn_like(param) * 0.3)  # PEFT's inits zero one factor
+    return model
+
+
+@pytest.mark.parametrize("kind", ["lora", "lokr", "loha"])
+def test_functional_trio_both_ways_with_peft(kind):
+    from lyco.functional import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+
+    cfg = {"lora": lambda: peft.LoraConfig(r=2, lora_alpha=3, target_modules=["0", "2"]),
+           "lokr": lambda: peft.LoKrConfig(r=2, alpha=3, target_modules=["0", "2"]),
+           "loha": lambda: peft.LoHaConfig(r=2, alpha=3, target_modules=["0", "2"])}[kind]  # fmt: skip
+    theirs = _peft_injected(cfg())
+    state = peft.get_peft_model_state_dict(theirs, adapter_name="p")
+    mine = inject_adapter_in_model(cfg(), base(), adapter_name="p", low_cpu_mem_usage=True)  # a PEFT config object
+    assert isinstance(mine, nn.Sequential) and "p" in mine.peft_config
+    assert set_peft_model_state_dict(mine, state, adapter_name="p") == ([], [])
+    with torch.no_grad():
+        want = theirs(X)
+        assert (want - base()(X)).abs().max() > 1e-3
+        torch.testing.assert_close(mine(X), want, atol=1e-5, rtol=1e-5)
+    back = get_peft_model_state_dict(mine, adapter_name="p")
+    assert set(back) == set(state)
+    other = peft.inject_adapter_in_model(cfg(), base(), adapter_name="p")
+    peft.set_peft_model_state_dict(other, back, adapter_name="p")
+    with torch.no_grad():
+        torch.testing.assert_close(other(X), want, atol=1e-5, rtol=1e-5)
+
+
+def test_inject_from_state_dict_keys_and_strict_loading():
+    from lyco.functional import inject_adapter_in_model, set_peft_model_state_dict
+
+    theirs = _peft_injected(peft.LoraConfig(r=2, target_modules=["0", "2"]))
+    state = {k: v for k, v in peft.get_peft_model_state_dict(theirs, adapter_name="p").items() if k.startswith("2.")}
+    mine = inject_adapter_in_model(lyco.LoRAConfig(r=2, target_modules=["0"]), base(), "p", state_dict=state)
+    assert [n for n, m in mine.named_modules() if isinstance(m, lyco.AdaptedLayer)] == ["2"]  # the keys' modules
+    before = copy.deepcopy(mine.state_dict())
+    with pytest.raises(lyco.FormatError, match="state dict"):
+        set_peft_model_state_dict(mine, {**state, "2.lora_A.extra": torch.ones(1)}, adapter_name="p")
+    assert all(torch.equal(before[k], v) for k, v in mine.state_dict().items())
+    with pytest.raises(lyco.AdapterNameError, match="already has an adapter named 'p'"):
+        inject_adapter_in_model(lyco.LoRAConfig(r=2, target_modules=["0"]), mine, "p")

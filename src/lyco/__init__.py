@@ -12,6 +12,7 @@ from .errors import (
     TargetError,
     UnsupportedLayerError,
 )
+from .functional import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from .layer import AdaptedLayer
 from .lycoris_files import load_lycoris, load_lycoris_into, save_lycoris
 from .methods import (
@@ -33,6 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaptedLayer", "Adapter", "AdapterConfig", "AdapterNameError", "ArgumentError", "ConfigError", "FormatError", "FullConfig", "LoHaConfig",
     "LoKrConfig", "LoRAConfig", "LycoError", "LycoModel", "MergeError", "MixedConfig", "ModulesToSaveWrapper", "ShapeMismatchError", "StateError",
-    "TargetError", "UnsupportedLayerError", "__version__", "factorization", "get_model", "load_lycoris",
-    "load_lycoris_into", "register_method", "save_lycoris",
+    "TargetError", "UnsupportedLayerError", "__version__", "factorization", "get_model", "get_peft_model_state_dict",
+    "inject_adapter_in_model", "load_lycoris",
+    "load_lycoris_into", "register_method", "save_lycoris", "set_peft_model_state_dict",
 ]  # fmt: skip

@@ -223,8 +223,6 @@ def read_peft_dir(
         weights = folder / PICKLE_WEIGHTS_NAME
     if weights.is_file():
         check_not_torn(folder, data, config, weights)
-    method = method_for_peft_type(config.peft_type, str(cfg_path))
-    own = method.tensor_params()
     stripped: dict[str, torch.Tensor] = {}
     for key, t in read_tensors(weights, allow_pickle=allow_pickle).items():
         tree_key = peft_key(key, inverse=True)
@@ -232,19 +230,36 @@ def read_peft_dir(
             raise FormatError(f"{weights}: key {key!r} lacks PEFT's {PREFIX!r} prefix (not a PEFT adapter's weights)")
         warn_nonfinite(t, f"{weights}: key {key!r}")
         stripped[tree_key] = t
-    tensors = renamed(stripped, method, to_peft=False)
-    for (key, t), original in zip(tensors.items(), stripped, strict=True):
+    return config, from_peft_tensors(config, stripped, table, str(weights), str(cfg_path))
+
+
+def from_peft_tensors(
+    config: AdapterConfig,
+    tensors: Mapping[str, torch.Tensor],
+    table: ModuleTable | None = None,
+    source: str = "<state dict>",
+    config_source: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """PEFT-layout tensors keyed ``<module path>.<PEFT param name>`` (prefix already removed) → lyco's names and
+    layouts, each tensor checked (:class:`FormatError` naming ``source`` and the key): the inverse of
+    :func:`peft_tensors`. ``table`` gives conv kernels (1-D CP cores); the scale ratio of lyco-only options
+    (:func:`peft_fold`) is taken back out."""
+    config = one_method(config, source)
+    method = method_for_peft_type(config.peft_type, config_source or source)
+    own = method.tensor_params()
+    lyco = renamed(tensors, method, to_peft=False)
+    for (key, t), original in zip(lyco.items(), tensors, strict=True):
         name = key.rpartition(".")[2]
         if name in own:
-            own[name].check(t, f"{weights}: key {peft_key(original)!r}")
+            own[name].check(t, f"{source}: key {peft_key(original)!r}")
 
     def canonical(ts: dict, path: str) -> dict:
         kernel = table.kernel(path) if table is not None and path in table.shapes else None
-        fold = peft_fold(method, config, path, str(cfg_path))
+        fold = peft_fold(method, config, path, config_source or source)
         ts = method.from_peft_layout(ts)
         return method.canonical(method.fold_scale(ts, 1 / fold) if fold != 1 else ts, kernel)
 
-    return config, _per_module(tensors, method, canonical)
+    return _per_module(lyco, method, canonical)
 
 
 def write_peft_dir(
