@@ -26,16 +26,17 @@ ALLOWED: dict[str, set[str]] = {
     "tree": {"errors", "ops", "methods", "layer", "modules_to_save", "targeting"},
     "model_io": {"errors", "ops", "methods", "formats", "sharding", "tree"},
     "model": {"errors", "ops", "methods", "formats", "layer", "modules_to_save", "targeting", "sharding", "tree",
-              "model_io"},
+              "model_io", "status"},
     "lycoris_files": {"errors", "ops", "methods", "formats", "targeting", "tree", "model"},
     "integrations": {"errors", "ops", "methods", "formats", "sharding", "tree", "model", "model_io"},
     "functional": {"errors", "ops", "methods", "formats", "tree", "model", "model_io"},
+    "status": {"errors", "layer", "modules_to_save"},
     "tools": {"errors", "ops", "methods", "formats"},
     "cli_output": {"tools"},
     "cli": {"lyco", "errors", "ops", "formats", "tools", "cli_output", "demo"},
     "demo": {"lyco"},
     "__main__": {"cli"},
-    "lyco": {"errors", "functional", "layer", "lycoris_files", "methods", "model", "modules_to_save", "ops"},
+    "lyco": {"errors", "functional", "status", "layer", "lycoris_files", "methods", "model", "modules_to_save", "ops"},
 }
 
 

@@ -191,3 +191,26 @@ def test_inject_from_state_dict_keys_and_strict_loading():
     assert all(torch.equal(before[k], v) for k, v in mine.state_dict().items())
     with pytest.raises(lyco.AdapterNameError, match="already has an adapter named 'p'"):
         inject_adapter_in_model(lyco.LoRAConfig(r=2, target_modules=["0"]), mine, "p")
+
+
+# -- status ----------------------------------------------------------------------------------------------------------
+def test_layer_and_model_status_as_peft():
+    mine, theirs = pair()
+    mine.set_adapter(["p", "q"])
+    theirs.base_model.set_adapter(["p", "q"])
+    mine.merge_adapter(["s"])
+    theirs.base_model.merge_adapter(["s"])
+    ours, peft_layers = mine.get_layer_status(), theirs.get_layer_status()
+    assert [s.name for s in ours] == [s.name.removeprefix("base_model.") for s in peft_layers] == ["model.0", "model.2"]
+    for a, b in zip(ours, peft_layers, strict=True):
+        for field in ("enabled", "active_adapters", "merged_adapters", "requires_grad", "available_adapters", "devices"):
+            assert getattr(a, field) == getattr(b, field), field
+    m, p = mine.get_model_status(), theirs.get_model_status()
+    for field in ("trainable_params", "num_adapter_layers", "enabled", "active_adapters", "merged_adapters",
+                  "requires_grad", "available_adapters", "devices", "base_model_type"):  # fmt: skip
+        assert getattr(m, field) == getattr(p, field), field
+    assert m.peft_types == p.peft_types == {"p": "LORA", "q": "LORA", "s": "LORA"}
+    mine.model[0].disable_adapters = True  # one layer switched off by hand: an inconsistent model
+    assert mine.get_model_status().enabled == "irregular"
+    with pytest.raises(lyco.StateError, match="no adapter layers"):
+        lyco.get_model_status(base())

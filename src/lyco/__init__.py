@@ -28,13 +28,14 @@ from .methods import (
 from .model import LycoModel, get_model
 from .modules_to_save import ModulesToSaveWrapper
 from .ops.factorize import factorization
+from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdaptedLayer", "Adapter", "AdapterConfig", "AdapterNameError", "ArgumentError", "ConfigError", "FormatError", "FullConfig", "LoHaConfig",
     "LoKrConfig", "LoRAConfig", "LycoError", "LycoModel", "MergeError", "MixedConfig", "ModulesToSaveWrapper", "ShapeMismatchError", "StateError",
-    "TargetError", "UnsupportedLayerError", "__version__", "factorization", "get_model", "get_peft_model_state_dict",
+    "TargetError", "TunerLayerStatus", "TunerModelStatus", "UnsupportedLayerError", "__version__", "factorization", "get_layer_status", "get_model", "get_model_status", "get_peft_model_state_dict",
     "inject_adapter_in_model", "load_lycoris",
     "load_lycoris_into", "register_method", "save_lycoris", "set_peft_model_state_dict",
 ]  # fmt: skip

@@ -34,6 +34,7 @@ from .model_io import AdapterIO, as_module, names_arg
 from .modules_to_save import ModulesToSaveWrapper
 from .ops.layerops import SUPPORTED_LAYERS, from_canonical, layer_spec
 from .sharding import check_not_sharded_for_adapters, check_unsharded
+from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from .targeting import assign_targets, bypassed, check_modules_to_save, default_target_modules
 from .tree import (
     adapted_layers,
@@ -447,6 +448,16 @@ class LycoModel(AdapterIO):
             layer.check_scalable([adapter])
         for layer in layers:
             layer.set_scale(adapter, scale)
+
+    # -- status (PEFT's) ---------------------------------------------------------------------------
+    def get_layer_status(self) -> list[TunerLayerStatus]:
+        """Per adapted layer and ``modules_to_save`` wrapper: enabled, active/merged/available adapters,
+        ``requires_grad`` and devices per adapter (:func:`lyco.get_layer_status`)."""
+        return get_layer_status(self)
+
+    def get_model_status(self) -> TunerModelStatus:
+        """The layers' statuses summarised, ``"irregular"`` where they disagree (:func:`lyco.get_model_status`)."""
+        return get_model_status(self)
 
     # -- accounting ------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
