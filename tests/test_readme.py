@@ -24,3 +24,19 @@ def test_readme_quickstart_runs(tmp_path, monkeypatch, capsys):
         assert torch.allclose(scope["merged"](x), adapted, atol=TOL)
         with scope["model"].disable_adapter():
             assert not torch.allclose(scope["model"](x), adapted, atol=TOL)  # the step really moved the output
+
+
+def test_readme_peft_section_runs(tmp_path, monkeypatch, capsys):
+    """The "Use lyco from PEFT code" block runs as written, and PEFT reads the folder it saves."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    code = next(b for b in blocks if "get_peft_model_state_dict" in b)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, str(README), "exec"), scope)
+    assert capsys.readouterr().out.strip().endswith("['default']")
+    assert set(scope["state"]) == {"0.lokr_w1", "0.lokr_w2"}  # 32×32 at r=4: both factors full
+    peft = __import__("pytest").importorskip("peft")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    loaded = peft.PeftModel.from_pretrained(net, tmp_path / "peft_style")
+    assert loaded.peft_config["default"].use_dora
