@@ -93,7 +93,7 @@ def _module_path(key: str) -> str:
 def _config(model: nn.Module, adapter_name: str) -> AdapterConfig | MixedConfig:
     configs = getattr(model, "peft_config", None) or {}
     if adapter_name not in configs:
-        raise AdapterNameError(f"no adapter named {adapter_name!r} was injected (adapters: {list(configs)})")
+        raise AdapterNameError(f"no adapter named {adapter_name!r} (adapters: {list(configs)})")
     return configs[adapter_name]
 
 
@@ -125,8 +125,7 @@ def set_peft_model_state_dict(
     if ignore_mismatched_sizes:
         raise ArgumentError("ignore_mismatched_sizes=True is not supported: a tensor of another shape is an error")
     root = model.model if isinstance(model, LycoModel) else as_module(model, "set_peft_model_state_dict")
-    config = model.peft_config[adapter_name] if isinstance(model, LycoModel) and adapter_name in model.peft_config else None
-    config = config if config is not None else _config(model, adapter_name)
+    config = _config(model, adapter_name)  # a LycoModel keeps its configs in peft_config too
     stripped = {(peft_key(k, inverse=True) or k): t for k, t in peft_model_state_dict.items()}
     tensors = from_peft_tensors(config, stripped, ModuleTable.from_module(root), "state dict")  # type: ignore[arg-type]
     load_adapter_tensors(root, {adapter_name: tensors}, "state dict")

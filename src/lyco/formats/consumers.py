@@ -9,6 +9,7 @@ findings come from the method (:meth:`~lyco.methods.schema.MethodSchema.consumer
 from __future__ import annotations
 
 from .adapterfile import AdapterFile
+from .keys import model_components
 
 DORA_OUTPUT_AXIS = (
     "ComfyUI divides an output-axis DoRA magnitude by ‖W‖ instead of ‖W + s·ΔW‖ and AUTOMATIC1111 always takes "
@@ -40,5 +41,4 @@ def consumer_warnings(af: AdapterFile, style: str | None = None) -> list[str]:
 
 def diffusion_model(model: object) -> bool:
     """Whether ``model`` (or its ``unet`` / ``transformer``) is a diffusers model: its files go to the tools above."""
-    inner = [model, getattr(model, "unet", None), getattr(model, "transformer", None)]
-    return any(m is not None and type(m).__module__.startswith("diffusers.") for m in inner)
+    return any(type(m).__module__.startswith("diffusers.") for m in model_components(model))

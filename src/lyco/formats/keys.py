@@ -134,6 +134,11 @@ def split_component(name: str) -> tuple[str, str]:
     return "", name
 
 
+def model_components(model: object) -> list[object]:
+    """``model`` and, for a pipeline-like object, the denoiser it holds (``unet`` / ``transformer``)."""
+    return [m for m in (model, getattr(model, "unet", None), getattr(model, "transformer", None)) if m is not None]
+
+
 def infer_component(model: nn.Module | None, names: list[str]) -> str:
     """Which component a whole model is (for kohya/diffusers prefixes): by class name, then by names."""
     cls = type(model).__name__ if model is not None else ""

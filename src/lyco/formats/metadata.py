@@ -22,6 +22,7 @@ from collections import Counter
 from ..errors import FormatError
 from ..methods.registry import method_for_algo
 from .adapterfile import AdapterFile
+from .keys import model_components
 
 NETWORK_MODULE = "lycoris.kohya"
 ARGS = "ss_network_args"
@@ -36,9 +37,7 @@ def base_model_version(model: object) -> str | None:
     """kohya's name for the architecture of ``model`` (a diffusers UNet / Flux transformer, or an object holding
     one as ``unet`` / ``transformer``), from its config: SDXL (``addition_embed_type="text_time"``), SD2 (text
     features 1024), SD1 (768), Flux.1; ``None`` when it cannot tell (text encoders, other models)."""
-    for inner in (model, getattr(model, "unet", None), getattr(model, "transformer", None)):
-        if inner is None:
-            continue
+    for inner in model_components(model):
         name, config = type(inner).__name__, getattr(inner, "config", None)
         if name == "FluxTransformer2DModel":
             return FLUX1

@@ -154,11 +154,7 @@ class LoHaAdapter(Adapter):
     def fit_config(cls, plans, base_r):
         """``use_effective_conv2d`` when any module has CP cores; modules PEFT would plan otherwise."""
         use_cp = any(p.use_cp for p in plans.values())
-        problems = []
-        for name, p in plans.items():
-            planned = plan_loha(p.out_features, p.in_features, p.kernel, p.r, use_cp)
-            if planned != p:
-                problems.append(f"{name}: PEFT would plan {planned.param_shapes()}, the tensors are {p.param_shapes()}")
+        problems = cls.replan_problems(plans, lambda p: plan_loha(p.out_features, p.in_features, p.kernel, p.r, use_cp))
         return plans, {"use_effective_conv2d": use_cp}, problems
 
     @classmethod

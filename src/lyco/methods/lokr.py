@@ -259,12 +259,13 @@ class LoKrAdapter(Adapter):
                 need = max(_ceil_half(max(p.out_r, p.in_r)), _ceil_half(max(p.out_l, p.in_l)) if decompose_both else 1)
                 plans[name] = dataclasses.replace(p, r=max(base_r, need))
         factor = _peft_factor(plans)
-        problems = [] if factor is not None else ["no single decompose_factor gives every module's Kronecker split"]
         f = -1 if factor is None else factor
-        for name, p in plans.items():
-            planned = plan_lokr(p.out_features, p.in_features, p.kernel, p.r, f, decompose_both, use_cp)
-            if factor is not None and planned != p:
-                problems.append(f"{name}: PEFT would plan {planned.param_shapes()}, the tensors are {p.param_shapes()}")
+        if factor is None:
+            problems = ["no single decompose_factor gives every module's Kronecker split"]
+        else:
+            problems = cls.replan_problems(
+                plans, lambda p: plan_lokr(p.out_features, p.in_features, p.kernel, p.r, f, decompose_both, use_cp)
+            )
         return plans, {"decompose_both": decompose_both, "decompose_factor": f, "use_effective_conv2d": use_cp}, problems
 
     @classmethod

@@ -220,11 +220,7 @@ class LoRAAdapter(Adapter):
     def fit_config(cls, plans, base_r):
         """``use_effective_conv2d`` when any module has a Tucker core; modules planned otherwise."""
         use_tucker = any(p.use_tucker for p in plans.values())
-        problems = []
-        for name, p in plans.items():
-            planned = plan_lora(p.out_features, p.in_features, p.kernel, p.r, use_tucker)
-            if planned != p:
-                problems.append(f"{name}: the config would plan {planned.param_shapes()}, the tensors are {p.param_shapes()}")
+        problems = cls.replan_problems(plans, lambda p: plan_lora(p.out_features, p.in_features, p.kernel, p.r, use_tucker))
         return plans, {"use_effective_conv2d": use_tucker}, problems
 
     @classmethod

@@ -13,7 +13,7 @@ arguments map the same names to shapes.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -266,6 +266,17 @@ class MethodSchema:
         return out
 
     # -- configs and metadata ---------------------------------------------------------------------
+    @staticmethod
+    def replan_problems(plans: Mapping[str, Any], replan: Callable[[Any], Any]) -> list[str]:
+        """For :meth:`fit_config`: the modules whose plan differs from ``replan(plan)`` (what the config's planning
+        rules give for that module), one line each naming both shapes."""
+        problems = []
+        for name, p in plans.items():
+            planned = replan(p)
+            if planned != p:
+                problems.append(f"{name}: PEFT would plan {planned.param_shapes()}, the tensors are {p.param_shapes()}")
+        return problems
+
     @classmethod
     def fit_config(cls, plans: dict[str, Any], base_r: int) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
         """``(plans, config options, problems)``: config fields (beyond r/alpha/patterns) under which the

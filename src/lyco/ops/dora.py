@@ -43,9 +43,7 @@ def lora_row_norm(
     base's, computed once)."""
     wd = weight @ lora_down.T  # (out, r)
     gram = lora_down @ lora_down.T  # (r, r)
-    own = row_sq(weight) if weight_sq is None else weight_sq
-    sq = own + 2 * scale * (wd * lora_up).sum(1) + scale * scale * ((lora_up @ gram) * lora_up).sum(1)
-    return sq.clamp_min(0).sqrt() + torch.finfo(weight.dtype).eps
+    return _sum_norm(weight, weight_sq, (wd * lora_up).sum(1), ((lora_up @ gram) * lora_up).sum(1), scale)
 
 
 def lokr_row_norm(
@@ -67,6 +65,14 @@ def lokr_row_norm(
     inner = torch.matmul(w4, w2.unsqueeze(-1)).squeeze(-1)  # (a, c, b): Σ_d W_(a,c),(b,d) w2_cd
     cross = (inner * w1.unsqueeze(1)).sum(-1).reshape(-1)
     delta_sq = torch.outer(w1.square().sum(1), w2.square().sum(1)).reshape(-1)
+    return _sum_norm(weight, weight_sq, cross, delta_sq, scale)
+
+
+def _sum_norm(
+    weight: torch.Tensor, weight_sq: torch.Tensor | None, cross: torch.Tensor, delta_sq: torch.Tensor, scale: float | torch.Tensor
+) -> torch.Tensor:
+    """``√(‖W_i‖² + 2s·⟨W_i, ΔW_i⟩ + s²·‖ΔW_i‖²) + ε`` per row from its parts (``weight_sq``: ``‖W_i‖²`` when known),
+    clamped at 0 where the sum cancels."""
     own = row_sq(weight) if weight_sq is None else weight_sq
     sq = own + 2 * scale * cross + scale * scale * delta_sq
     return sq.clamp_min(0).sqrt() + torch.finfo(weight.dtype).eps
