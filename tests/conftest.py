@@ -12,6 +12,7 @@ branch: ``out=64 → (8, 8)``, ``in=48 → (6, 8)`` for linear layers, ``out=64 
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -189,6 +190,22 @@ def base_model() -> MixedNet:
 
 
 X = torch.randn(3, 4, 5, 5, generator=torch.Generator().manual_seed(1))
+MOVED = 1e-4  # an adapter must change the output by more than this, or a comparison proves nothing
+
+
+def random_lyco_model(base: nn.Module, config: lyco.AdapterConfig, seed: int = 13) -> tuple[lyco.LycoModel, torch.Tensor]:
+    """A copy of ``base`` (a :func:`base_model`) with ``config``'s adapter (random: ``init_weights=False``) and its
+    ``modules_to_save`` copy of ``head`` moved off the original, in eval mode, and its output on ``X`` (checked to
+    differ from the base's by more than ``MOVED``)."""
+    torch.manual_seed(seed)
+    model = lyco.get_model(copy.deepcopy(base), config)
+    if config.modules_to_save:
+        with torch.no_grad():
+            model.model.head.modules_to_save["default"].bias.add_(0.25)
+    with torch.no_grad():
+        expected, plain = model.eval()(X), base(X)
+    assert (expected - plain).abs().max() > MOVED
+    return model, expected
 
 
 def fingerprint(root: nn.Module) -> dict:

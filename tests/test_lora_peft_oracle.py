@@ -14,7 +14,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lyco
-from conftest import ALL, X, base_model
+from conftest import ALL, X, base_model, random_lyco_model
 from lyco.formats import read_peft_adapter, write_lycoris_file
 
 peft = pytest.importorskip("peft")
@@ -67,13 +67,7 @@ def test_peft_lora_loads_in_lyco(tmp_path, name, kwargs):
 @pytest.mark.parametrize(("name", "kwargs"), CASES, ids=IDS)
 def test_lyco_lora_loads_in_peft(tmp_path, name, kwargs):
     base = base_model()
-    torch.manual_seed(13)
-    model = lyco.get_model(copy.deepcopy(base), lyco.LoRAConfig(init_weights=False, **kwargs))
-    if "modules_to_save" in kwargs:
-        with torch.no_grad():
-            model.model.head.modules_to_save["default"].bias.add_(0.25)
-    expected = run(model.eval())
-    assert (expected - run(base)).abs().max() > MOVED
+    model, expected = random_lyco_model(base, lyco.LoRAConfig(init_weights=False, **kwargs))
     model.save_pretrained(tmp_path)
     data = json.loads((tmp_path / "adapter_config.json").read_text())
     assert data["peft_type"] == "LORA" and "lora_alpha" in data and "alpha" not in data and "rank_dropout" not in data

@@ -10,7 +10,7 @@ from torch import nn
 
 import lyco
 from conftest import PEFT_CASES as CASES
-from conftest import X, base_model
+from conftest import X, base_model, random_lyco_model
 
 peft = pytest.importorskip("peft")
 
@@ -58,13 +58,7 @@ def test_peft_dir_loads_in_lyco(tmp_path, name, cls_name, kwargs):
 @pytest.mark.parametrize(("name", "cls_name", "kwargs"), CASES, ids=[c[0] for c in CASES])
 def test_lyco_dir_loads_in_peft(tmp_path, name, cls_name, kwargs):
     base = base_model()
-    torch.manual_seed(13)
-    model = lyco.get_model(copy.deepcopy(base), getattr(lyco, cls_name)(init_weights=False, **kwargs))
-    if "modules_to_save" in kwargs:
-        with torch.no_grad():
-            model.model.head.modules_to_save["default"].bias.add_(0.25)
-    expected = run(model.eval())
-    assert (expected - run(base)).abs().max() > MOVED
+    model, expected = random_lyco_model(base, getattr(lyco, cls_name)(init_weights=False, **kwargs))
     model.save_pretrained(tmp_path)
     peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     assert peft_model.peft_config["default"].peft_type.value == model.peft_config["default"].peft_type
