@@ -27,7 +27,10 @@ ALLOWED: dict[str, set[str]] = {
     "model_io": {"errors", "ops", "methods", "formats", "sharding", "tree"},
     "model": {"errors", "ops", "methods", "formats", "layer", "modules_to_save", "targeting", "sharding", "tree",
               "model_io", "status"},
-    "lycoris_files": {"errors", "ops", "methods", "formats", "targeting", "tree", "model"},
+    "lycoris_files": {"errors", "ops", "methods", "formats", "targeting", "tree", "layer", "model"},
+    "lycoris_config": {"errors", "ops", "methods"},
+    "network": {"errors", "ops", "methods", "formats", "layer", "lycoris_config", "lycoris_files", "model", "tree"},
+    "kohya": {"errors", "ops", "methods", "formats", "lycoris_config", "network"},
     "integrations": {"errors", "ops", "methods", "formats", "sharding", "tree", "model", "model_io"},
     "functional": {"errors", "ops", "methods", "formats", "tree", "model", "model_io"},
     "status": {"errors", "layer", "modules_to_save"},
@@ -36,7 +39,8 @@ ALLOWED: dict[str, set[str]] = {
     "cli": {"lyco", "errors", "ops", "formats", "tools", "cli_output", "demo"},
     "demo": {"lyco"},
     "__main__": {"cli"},
-    "lyco": {"errors", "functional", "status", "layer", "lycoris_files", "methods", "model", "modules_to_save", "ops"},
+    "lyco": {"errors", "functional", "status", "layer", "lycoris_files", "methods", "model", "modules_to_save", "ops",
+             "network"},
 }
 
 

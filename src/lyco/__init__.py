@@ -27,15 +27,48 @@ from .methods import (
 )
 from .model import LycoModel, get_model
 from .modules_to_save import ModulesToSaveWrapper
+from .network import LycorisNetwork, create_lycoris, create_lycoris_from_weights
 from .ops.factorize import factorization
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdaptedLayer", "Adapter", "AdapterConfig", "AdapterNameError", "ArgumentError", "ConfigError", "FormatError", "FullConfig", "LoHaConfig",
-    "LoKrConfig", "LoRAConfig", "LycoError", "LycoModel", "MergeError", "MixedConfig", "ModulesToSaveWrapper", "ShapeMismatchError", "StateError",
-    "TargetError", "TunerLayerStatus", "TunerModelStatus", "UnsupportedLayerError", "__version__", "factorization", "get_layer_status", "get_model", "get_model_status", "get_peft_model_state_dict",
-    "inject_adapter_in_model", "load_lycoris",
-    "load_lycoris_into", "register_method", "save_lycoris", "set_peft_model_state_dict",
+    "AdaptedLayer",
+    "Adapter",
+    "AdapterConfig",
+    "AdapterNameError",
+    "ArgumentError",
+    "ConfigError",
+    "FormatError",
+    "FullConfig",
+    "LoHaConfig",
+    "LoKrConfig",
+    "LoRAConfig",
+    "LycoError",
+    "LycoModel",
+    "LycorisNetwork",
+    "MergeError",
+    "MixedConfig",
+    "ModulesToSaveWrapper",
+    "ShapeMismatchError",
+    "StateError",
+    "TargetError",
+    "TunerLayerStatus",
+    "TunerModelStatus",
+    "UnsupportedLayerError",
+    "__version__",
+    "create_lycoris",
+    "create_lycoris_from_weights",
+    "factorization",
+    "get_layer_status",
+    "get_model",
+    "get_model_status",
+    "get_peft_model_state_dict",
+    "inject_adapter_in_model",
+    "load_lycoris",
+    "load_lycoris_into",
+    "register_method",
+    "save_lycoris",
+    "set_peft_model_state_dict",
 ]  # fmt: skip

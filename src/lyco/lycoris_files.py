@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from collections.abc import Iterable
 
 from torch import nn
 
@@ -23,6 +24,7 @@ from .formats.lycoris import read_lycoris_file, write_lycoris_file
 from .formats.metadata import base_model_metadata
 from .formats.names import ModuleTable
 from .formats.peft_config import ConfigFit, fit_config
+from .layer import AdaptedLayer
 from .methods.config import config_parts
 from .model import LycoModel
 from .targeting import find_targets
@@ -42,8 +44,14 @@ def adapter_file(model: LycoModel, adapter_name: str = "default") -> AdapterFile
         raise FormatError(
             f"adapter {adapter_name!r} has modules_to_save, which a LyCORIS file cannot hold; use save_pretrained"
         )
+    return layers_file(model.adapted_layers(), adapter_name)
+
+
+def layers_file(layers: Iterable[tuple[str, AdaptedLayer]], adapter_name: str = "default") -> AdapterFile:
+    """The adapter ``adapter_name`` of ``(module path, AdaptedLayer)`` pairs as an :class:`AdapterFile` (see
+    :func:`adapter_file`; layers without that adapter are skipped)."""
     modules: dict[str, ModuleAdapter] = {}
-    for lname, layer in model.adapted_layers():
+    for lname, layer in layers:
         if adapter_name not in layer.lyco_adapters:
             continue
         adapter = layer.lyco_adapters[adapter_name]
@@ -90,7 +98,7 @@ def save_lycoris(
         warnings.warn(f"{path}: written; known consumer shortfalls:\n  " + "\n  ".join(notes), stacklevel=2)
 
 
-def _fit(root: nn.Module, af: AdapterFile, skip: set[str]) -> ConfigFit:
+def fit_file(root: nn.Module, af: AdapterFile, skip: set[str]) -> ConfigFit:
     """The config and plans that rebuild ``af`` on ``root``; ``target_modules`` selects exactly its modules
     (a regex when the list's suffix rule would also pick other modules)."""
     fit = fit_config(af, {n: tuple(m.weight_shape) for n, m in af.modules.items()})  # type: ignore[arg-type]
@@ -128,7 +136,7 @@ def load_lycoris(
         load_lycoris_into(base_module, path, adapter_name, prefix, strict, allow_pickle, is_trainable)
         return base_module
     af = _read(path, base_module, prefix, strict, allow_pickle)
-    fit = _fit(base_module, af, set())
+    fit = fit_file(base_module, af, set())
     return LycoModel.from_adapter_tensors(
         base_module, fit.config, af.tensors(), adapter_name, plans=fit.plans, is_trainable=is_trainable, source=str(path)
     )
@@ -147,7 +155,7 @@ def load_lycoris_into(
     if not isinstance(model, LycoModel):
         raise ArgumentError(f"load_lycoris_into adds to a LycoModel, got {type(model).__name__} (use load_lycoris)")
     af = _read(path, model.model, prefix, strict, allow_pickle)
-    fit = _fit(model.model, af, wrapper_internals(model.model))
+    fit = fit_file(model.model, af, wrapper_internals(model.model))
     model.load_adapter_tensors(
         adapter_name, fit.config, af.tensors(), plans=fit.plans, is_trainable=is_trainable, source=str(path)
     )

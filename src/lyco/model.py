@@ -45,7 +45,7 @@ from .tree import (
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)
@@ -224,12 +224,12 @@ class LycoModel(AdapterIO):
             layer.active_adapters = list(self._active)
             layer.disable_adapters = self._layers_disabled
             if layer is not module:
-                _set_submodule(self.model, name, layer)
+                set_submodule(self.model, name, layer)
         for name in to_save:
             wrapper = modules[name]
             if not isinstance(wrapper, ModulesToSaveWrapper):
                 wrapper = ModulesToSaveWrapper(wrapper)
-                _set_submodule(self.model, name, wrapper)
+                set_submodule(self.model, name, wrapper)
             wrapper.add(adapter_name)
             wrapper.set_active(self._active)
             wrapper.disable_adapters = self._layers_disabled
@@ -310,12 +310,12 @@ class LycoModel(AdapterIO):
             if adapter_name in layer.lyco_adapters:
                 del layer.lyco_adapters[adapter_name]
                 if not len(layer.lyco_adapters):
-                    _set_submodule(self.model, name, layer.base_layer)
+                    set_submodule(self.model, name, layer.base_layer)
         for name, wrapper in list(self.saved_modules()):
             if adapter_name in wrapper.modules_to_save:
                 del wrapper.modules_to_save[adapter_name]
                 if not len(wrapper.modules_to_save):
-                    _set_submodule(self.model, name, wrapper.original_module)
+                    set_submodule(self.model, name, wrapper.original_module)
         del self.peft_config[adapter_name]
         self._frozen.discard(adapter_name)
         if active != self._active:
@@ -402,9 +402,9 @@ class LycoModel(AdapterIO):
         """Put the original modules back (``modules_to_save``: trained copy if ``merge``) and restore the
         base parameters' ``requires_grad`` flags as they were before the first adapter."""
         for name, layer in list(self.adapted_layers()):
-            _set_submodule(self.model, name, layer.base_layer)
+            set_submodule(self.model, name, layer.base_layer)
         for name, wrapper in list(self.saved_modules()):
-            _set_submodule(self.model, name, wrapper.current if merge else wrapper.original_module)
+            set_submodule(self.model, name, wrapper.current if merge else wrapper.original_module)
         self.peft_config.clear()
         self._active = []
         self._layers_disabled = False

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import fields
 from typing import Any, ClassVar
 
 import torch
@@ -288,6 +289,29 @@ class Adapter(nn.Module, MethodSchema, ABC):
         ``full_matrix``). Where it differs from :meth:`config_scaling`, PEFT folders carry the ratio in the
         tensors (:mod:`lyco.formats.peft`), so PEFT computes lyco's ``ΔW``."""
         return alpha / r
+
+    # -- LyCORIS-style configuration (create_lycoris, kohya network_args) --------------------------
+    # LyCORIS's module keyword → this method's config field; options a method's config lacks are ignored, as
+    # LyCORIS's modules ignore the options of other methods (e.g. ``factor`` on a LoCon).
+    lycoris_fields: ClassVar[dict[str, str]] = {
+        "dropout": "dropout", "rank_dropout": "rank_dropout", "module_dropout": "module_dropout",
+        "use_scalar": "use_scalar", "rs_lora": "use_rslora", "weight_decompose": "weight_decompose",
+        "wd_on_out": "wd_on_out", "rank_dropout_scale": "rank_dropout_scale", "use_tucker": "use_effective_conv2d",
+    }  # fmt: skip
+    lycoris_init: ClassVar[bool | str] = True  # ``init_weights`` of a LyCORIS-style config (a zero delta)
+    plus_params: ClassVar[tuple[str, ...]] = ()  # LoRA+: the factors that train at ``lr · loraplus ratio``
+
+    @classmethod
+    def lycoris_config(
+        cls, spec: LayerSpec, r: int, alpha: float, options: Mapping[str, Any]
+    ) -> tuple[AdapterConfig, Any]:
+        """``(config, plan)`` of this method that give layer ``spec`` what LyCORIS's module of the method would be,
+        for rank ``r``, ``alpha`` (already LyCORIS's: 0 / None mean ``r``) and LyCORIS's module options; ``plan``: a
+        shape plan where LyCORIS plans otherwise than the config would, else ``None``. Default: the
+        :attr:`lycoris_fields` the config has, with :attr:`lycoris_init`, and no plan."""
+        names = {f.name for f in fields(cls.config_cls)}
+        kwargs = {field: options[opt] for opt, field in cls.lycoris_fields.items() if opt in options and field in names}
+        return cls.config_cls(r=r, alpha=alpha, init_weights=cls.lycoris_init, **kwargs), None
 
     # -- helpers -------------------------------------------------------------------------------
     def default_scaling(self) -> float:

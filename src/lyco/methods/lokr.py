@@ -118,6 +118,29 @@ class LoKrAdapter(Adapter):
         elif init_weights:
             nn.init.zeros_(self.lokr_w1 if "lokr_w1" in names else self.lokr_w1_a)
 
+    lycoris_fields: ClassVar[dict[str, str]] = {
+        **Adapter.lycoris_fields, "factor": "decompose_factor", "decompose_both": "decompose_both",
+        "full_matrix": "full_matrix", "unbalanced_factorization": "unbalanced_factorization",
+    }  # fmt: skip
+    lycoris_init = "lycoris"
+
+    @classmethod
+    def lycoris_config(cls, spec, r: int, alpha: float, options) -> tuple[LoKrConfig, LoKrPlan]:
+        """LyCORIS's LoKr: its factorization (each split smaller part first, :func:`plan_lokr`'s ``ordered_splits``),
+        and scale ``alpha = r`` whatever alpha says when both factors come out full (1; √r with ``rs_lora``): such a
+        layer gets ``full_matrix`` (scale 1, the same shapes), or ``alpha = r`` with rs_lora."""
+        config, _ = super().lycoris_config(spec, r, alpha, options)
+        assert isinstance(config, LoKrConfig)
+        plan = plan_lokr(
+            spec.out_features, spec.in_features, spec.kernel, r, config.decompose_factor, config.decompose_both,
+            config.use_effective_conv2d, config.full_matrix, config.unbalanced_factorization, ordered_splits=True,
+        )  # fmt: skip
+        if plan.use_w1 and plan.use_w2 and not config.full_matrix:
+            if config.use_rslora:
+                return dataclasses.replace(config, alpha=float(r)), plan
+            return dataclasses.replace(config, full_matrix=True), plan
+        return config, plan
+
     @classmethod
     def config_scaling(cls, config, r: int, alpha: float) -> float:
         """``full_matrix``: 1 (LyCORIS); otherwise ``alpha / r`` (``alpha / √r`` with ``use_rslora``)."""

@@ -84,7 +84,9 @@ class LoRAAdapter(Adapter):
 
     config_cls = LoRAConfig
     algo = "lora"
+    lycoris_algos = ("locon",)  # LyCORIS's name of the same module (LoRA with conv layers)
     title = "LoRA"
+    plus_params = ("lora_up",)
     params = (
         Param("lora_down", min_ndim=2, key="lora_down.weight", peft_key="lora_A.weight"),
         Param("lora_up", min_ndim=2, key="lora_up.weight", peft_key="lora_B.weight"),

@@ -88,6 +88,12 @@ def method_for_algo(algo: str) -> type[MethodSchema]:
     raise FormatError(f"unknown adapter algorithm {algo!r} (known: {sorted(m.algo for m in all_methods())})")
 
 
+def method_for_lycoris_algo(algo: str) -> type[Adapter] | None:
+    """The trainable method LyCORIS's ``algo`` names (its ``algo`` or one of its ``lycoris_algos``), or ``None``."""
+    name = algo.lower()
+    return next((m for m in METHODS.values() if name == m.algo or name in m.lycoris_algos), None)
+
+
 def file_keys() -> dict[str, tuple[type[MethodSchema], str]]:
     """LyCORIS/kohya key suffix → ``(method, tensor name)`` for every registered method's tensors."""
     return {p.file_key: (m, p.name) for m in reversed(all_methods()) for p in m.tensor_params().values()}

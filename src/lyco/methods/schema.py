@@ -121,6 +121,7 @@ class MethodSchema:
     """
 
     algo: ClassVar[str] = ""
+    lycoris_algos: ClassVar[tuple[str, ...]] = ()  # other names of the method in LyCORIS's ``algo`` (LoRA: locon)
     title: ClassVar[str] = ""
     param_names: ClassVar[tuple[str, ...]] = ()
     params: ClassVar[tuple[Param, ...]] = ()

@@ -127,20 +127,25 @@ def plan_lokr(
     use_effective_conv2d: bool = False,
     full_matrix: bool = False,
     unbalanced_factorization: bool = False,
+    ordered_splits: bool = False,
 ) -> LoKrPlan:
     """Plan a LoKr adapter for a weight ``(out_features, in_features, *kernel)`` (PEFT's rules).
 
     ``w1`` is full unless ``decompose_both`` and ``r < max(out_l, in_l) / 2``; ``w2`` is full when
     ``r >= max(out_r, in_r) / 2``; the CP core is used for kernels with more than one element only.
     LyCORIS's options: ``full_matrix`` makes both factors full; ``unbalanced_factorization`` swaps the output
-    split (``w1`` gets the larger part of ``out_features``).
+    split (``w1`` gets the larger part of ``out_features``); ``ordered_splits``: lycoris-lora 4's factorization,
+    which orders each split smaller part first also when ``factor`` divides the dimension (PEFT keeps
+    ``(factor, dim // factor)``: ``factorization(8, 4)`` is ``(4, 2)`` there, ``(2, 4)`` in LyCORIS).
     """
     if r <= 0:
         raise ConfigError(f"LoKr rank r must be a positive integer, got {r}")
     out_l, out_r = factorization(out_features, factor)
+    in_l, in_r = factorization(in_features, factor)
+    if ordered_splits:
+        (out_l, out_r), (in_l, in_r) = sorted((out_l, out_r)), sorted((in_l, in_r))
     if unbalanced_factorization:
         out_l, out_r = out_r, out_l
-    in_l, in_r = factorization(in_features, factor)
     use_w1 = full_matrix or not (decompose_both and r < max(out_l, in_l) / 2)
     use_w2 = full_matrix or r >= max(out_r, in_r) / 2
     use_cp = bool(use_effective_conv2d and kernel and math.prod(kernel) > 1 and not use_w2)
