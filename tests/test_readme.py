@@ -40,3 +40,24 @@ def test_readme_peft_section_runs(tmp_path, monkeypatch, capsys):
     net = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
     loaded = peft.PeftModel.from_pretrained(net, tmp_path / "peft_style")
     assert loaded.peft_config["default"].use_dora
+
+
+def test_readme_simpletuner_section_runs(tmp_path, monkeypatch, capsys):
+    """The "Use lyco from sd-scripts / SimpleTuner" block runs as written: 4 full-matrix LoKr modules at scale 1,
+    a file with LyCORIS's keys, and the class preset put back afterwards."""
+    import lyco
+    from lyco.lycoris_config import Preset
+
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    code = next(b for b in blocks if "create_lycoris" in b)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(lyco.LycorisNetwork, "preset", Preset())
+    scope: dict = {}
+    exec(compile(code, str(README), "exec"), scope)
+    assert capsys.readouterr().out.strip() == "4 modules"
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "lokr.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert {"lycoris_0_to_q.lokr_w1", "lycoris_0_to_q.lokr_w2", "lycoris_2_to_out.alpha"} <= keys
+    assert all(a.base_scaling == 1.0 for a in scope["network"].loras)  # not alpha / r = 1e-4

@@ -27,7 +27,7 @@ from .methods import (
 )
 from .model import LycoModel, get_model
 from .modules_to_save import ModulesToSaveWrapper
-from .network import LycorisNetwork, create_lycoris, create_lycoris_from_weights
+from .network import LycorisNetwork, create_lycoris, create_lycoris_from_weights, lycoris_model
 from .ops.factorize import factorization
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 
@@ -68,6 +68,7 @@ __all__ = [
     "inject_adapter_in_model",
     "load_lycoris",
     "load_lycoris_into",
+    "lycoris_model",
     "register_method",
     "save_lycoris",
     "set_peft_model_state_dict",

@@ -16,6 +16,7 @@ error naming it, with nothing changed), and files are safetensors (pickles load 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
@@ -26,18 +27,18 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
-from .errors import ArgumentError, FormatError, MergeError, StateError
+from .errors import ArgumentError, ConfigError, FormatError, MergeError, StateError
 from .formats.io import read_metadata, read_tensors, write_tensors
 from .formats.lycoris import lycoris_state_dict, parse_state_dict, resolve_adapter_file
 from .formats.metadata import NETWORK_MODULE, base_model_metadata
 from .formats.names import ModuleTable
 from .layer import AdaptedLayer
-from .lycoris_config import LycorisOptions, Planned, Preset, mixed_config, plan_modules
+from .lycoris_config import LycorisOptions, Planned, Preset, load_preset, mixed_config, plan_modules
 from .lycoris_files import fit_file, layers_file
 from .model import LycoModel, set_submodule
 from .tree import load_adapter_tensors
 
-__all__ = ["LycorisNetwork", "create_lycoris", "create_lycoris_from_weights"]
+__all__ = ["LycorisNetwork", "create_lycoris", "create_lycoris_from_weights", "lycoris_model"]
 
 ADAPTER = "default"  # the adapter name a network's layers hold
 
@@ -455,3 +456,36 @@ def create_lycoris_from_weights(
     network = LycorisNetwork(init_only=True, multiplier=multiplier)
     from_weights(network, [(network.network_preset.lora_prefix, module, "root")], weights, metadata, str(file or "weights_sd"))
     return network, weights
+
+
+def lycoris_model(
+    model: nn.Module, config: Mapping[str, Any] | str | os.PathLike, adapter_name: str = "default"
+) -> LycoModel:
+    """A :class:`~lyco.LycoModel` (PEFT-style: base frozen, ``save_lycoris`` / ``merge_and_unload`` / several
+    adapters) whose adapter is what a LyCORIS config gives: a dict or a JSON file such as SimpleTuner's
+    ``lycoris_config.json`` — ``algo``, ``multiplier``, ``linear_dim``, ``linear_alpha``, ``preset`` (default
+    ``"full"``), ``apply_preset`` (preset keys) and the module options — with LyCORIS's modules, shapes and scales
+    (e.g. a full-matrix LoKr at scale 1, not ``alpha / r``). ``multiplier`` becomes the adapter's scale."""
+    if isinstance(config, (str, os.PathLike)):
+        try:
+            config = json.loads(Path(config).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{config}: cannot read the LyCORIS config ({exc})") from None
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"a LyCORIS config is a dict or a JSON file, got {type(config).__name__}")
+    data = dict(config)
+    multiplier = float(data.pop("multiplier", 1.0) or 1.0)
+    dim, alpha = data.pop("linear_dim", 4), data.pop("linear_alpha", 1)
+    preset = Preset().updated(load_preset(data.pop("preset", None) or "full"))
+    extra = data.pop("apply_preset", None)
+    if extra:
+        preset = preset.updated(extra, "apply_preset")
+    options = LycorisOptions.from_kwargs(dim, alpha, data, "lycoris config")
+    planned = plan_modules(model, preset.lora_prefix, options, preset)
+    if not planned:
+        raise ConfigError(f"the LyCORIS config adapts no module of {type(model).__name__}; check target_module / target_name")
+    plans = {p.path: p.plan for p in planned if p.plan is not None}
+    lyco = LycoModel(model, mixed_config(planned), adapter_name, plans=plans)
+    if multiplier != 1.0:
+        lyco.set_scale(adapter_name, multiplier)
+    return lyco
