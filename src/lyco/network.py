@@ -314,7 +314,7 @@ class LycorisNetwork(nn.Module):
         return LoadInfo([], [])
 
     def _load(self, tensors: dict[str, torch.Tensor], source: str) -> None:
-        pending: list[tuple[Root, dict[str, torch.Tensor]]] = []
+        pending: list[tuple[Root, dict[str, torch.Tensor], Any]] = []
         claimed: set[str] = set()
         for root in self.roots:
             own = {k: v for k, v in tensors.items() if k.startswith(f"{root.prefix}_")}
@@ -335,19 +335,28 @@ class LycorisNetwork(nn.Module):
                         f"module has scale {adapter.base_scaling:g}; build the network from the file "
                         "(create_lycoris_from_weights / create_network_from_weights) or with the same alpha"
                     )
-            pending.append((root, af.tensors()))
+            pending.append((root, af.tensors(), self._key_names(root)))
         unknown = sorted(set(tensors) - claimed)
         if unknown:
             raise FormatError(f"{source}: {len(unknown)} key(s) belong to no root of this network: {unknown[:6]}")
-        states = [root.installed for root, _ in pending]
+        states = [root.installed for root, _, _ in pending]
         try:
-            for root, _ in pending:
+            for root, _, _ in pending:
                 root.install(True)
-            for root, part in pending:  # each root checks every key before any is written
-                load_adapter_tensors(root.module, {ADAPTER: part}, source)
+            for root, part, show in pending:  # each root checks every key before any is written
+                load_adapter_tensors(root.module, {ADAPTER: part}, source, show=show)
         finally:
-            for (root, _), on in zip(pending, states, strict=True):
+            for (root, _, _), on in zip(pending, states, strict=True):
                 root.install(on)
+
+    @staticmethod
+    def _key_names(root: Root) -> Any:
+        """``<module path>.<tensor>`` → the LyCORIS key (``lycoris_net_fc.lora_up.weight``), for messages."""
+        keys = {}
+        for path, layer in root.items():
+            for name, param in layer.lyco_adapters[ADAPTER].tensor_params().items():
+                keys[f"{path}.{name}"] = f"{root.names[path]}.{param.file_key}"
+        return lambda key: keys.get(key, key)
 
     def load_weights(self, file: str | os.PathLike, allow_pickle: bool = False) -> dict[str, list[str]]:
         """Load a LyCORIS file into the adapters (see :meth:`load_state_dict`); returns ``{}`` (nothing missing)."""

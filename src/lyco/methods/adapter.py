@@ -311,7 +311,8 @@ class Adapter(nn.Module, MethodSchema, ABC):
         :attr:`lycoris_fields` the config has, with :attr:`lycoris_init`, and no plan."""
         names = {f.name for f in fields(cls.config_cls)}
         kwargs = {field: options[opt] for opt, field in cls.lycoris_fields.items() if opt in options and field in names}
-        return cls.config_cls(r=r, alpha=alpha, init_weights=cls.lycoris_init, **kwargs), None
+        init = True if kwargs.get("use_scalar") else cls.lycoris_init  # use_scalar: random factors, scalar 0
+        return cls.config_cls(r=r, alpha=alpha, init_weights=init, **kwargs), None
 
     # -- helpers -------------------------------------------------------------------------------
     def default_scaling(self) -> float:
