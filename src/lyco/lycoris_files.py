@@ -21,9 +21,10 @@ from .formats.adapterfile import AdapterFile, ModuleAdapter
 from .formats.consumers import consumer_warnings, diffusion_model
 from .formats.keys import infer_component
 from .formats.lycoris import read_lycoris_file, write_lycoris_file
-from .formats.metadata import base_model_metadata
+from .formats.metadata import SDXL, base_model_metadata, base_model_version
 from .formats.names import ModuleTable
 from .formats.peft_config import ConfigFit, fit_config
+from .formats.sgm import sgm_names
 from .layer import AdaptedLayer
 from .methods.config import config_parts
 from .model import LycoModel
@@ -92,6 +93,8 @@ def save_lycoris(
     if consumer_safe:  # the same ΔW in layouts that no checked consumer mishandles
         af = af.in_consumer_layout()
     component = infer_component(model.model, list(af.modules))
+    if style == "kohya" and base_model_version(model.model) == SDXL:  # kohya writes SDXL's original (SGM) names
+        af = af.renamed(sgm_names(name for name, _ in model.model.named_modules()))
     metadata = {**base_model_metadata(model.model), **(metadata or {})}  # the user's values win
     write_lycoris_file(af, path, style=style, prefix=prefix, metadata=metadata, component=component)
     if diffusion_model(model.model) and (notes := consumer_warnings(af, style)):

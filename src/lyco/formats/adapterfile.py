@@ -189,6 +189,10 @@ class AdapterFile:
         """The same adapter with every module in a layout the checked consumers apply as lyco does."""
         return dataclasses.replace(self, modules={n: m.in_consumer_layout() for n, m in self.modules.items()})
 
+    def renamed(self, names: dict[str, str]) -> AdapterFile:
+        """The same adapter with modules renamed by ``names`` (module → the name to write; others unchanged)."""
+        return dataclasses.replace(self, modules={names.get(n, n): m for n, m in self.modules.items()})
+
     def algos(self) -> set[str]:
         return {m.algo for m in self.modules.values()}
 

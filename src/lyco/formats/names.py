@@ -28,6 +28,7 @@ from torch import nn
 from ..errors import ArgumentError, FormatError
 from ..ops.layerops import layer_spec
 from .keys import COMPONENT_ROOTS, Convention, match_convention, underscore
+from .sgm import sgm_names
 
 Shape = tuple[int, ...]
 WEIGHT = ".weight"
@@ -59,6 +60,8 @@ class ModuleTable:
         self.source = source
         self._containers = {n.rsplit(".", k)[0] for n in [*self.shapes, *self.others] for k in range(1, n.count(".") + 1)}
         self._underscore: dict[str, dict[str, list[str]]] = {}
+        # a diffusers UNet's modules answer to their original-checkpoint (SGM) names too: kohya's SDXL files
+        self.aliases = {sgm: name for name, sgm in sgm_names([*self.shapes, *self.others]).items() if name in self.shapes}
 
     @classmethod
     def from_module(cls, root: nn.Module, source: str = "model") -> ModuleTable:
@@ -106,10 +109,10 @@ class ModuleTable:
     def _under(self, root: str) -> dict[str, list[str]]:
         if root not in self._underscore:
             table: dict[str, list[str]] = {}
-            for name in self.shapes:
-                if root and not name.startswith(root + "."):
+            for alias, name in [*((n, n) for n in self.shapes), *self.aliases.items()]:
+                if root and not alias.startswith(root + "."):
                     continue
-                table.setdefault(underscore(name[len(root) + 1 :] if root else name), []).append(name)
+                table.setdefault(underscore(alias[len(root) + 1 :] if root else alias), []).append(name)
             self._underscore[root] = table
         return self._underscore[root]
 
@@ -123,6 +126,8 @@ class ModuleTable:
             if conv.dotted or "." in path:
                 if full in self.shapes:
                     found.append(full)
+                elif full in self.aliases:
+                    found.append(self.aliases[full])
             else:
                 found.extend(self._under(root).get(path, []))
         return list(dict.fromkeys(found))

@@ -1,0 +1,120 @@
+"""SDXL's original-checkpoint (SGM) module names: kohya-style files of a diffusers SDXL UNet use them (as kohya
+sd-scripts writes SDXL files), diffusers' own converters of kohya files map every key back to the module it came
+from, and lyco reads them back exactly (on the UNet itself and under a pipeline's ``unet.``)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import lyco
+from lyco.formats.sgm import sgm_names
+
+diffusers = pytest.importorskip("diffusers")
+conversion = pytest.importorskip("diffusers.loaders.lora_conversion_utils")
+
+ATOL = 1e-5  # fp32 outputs of the same ΔW
+MOVED = 1e-4
+
+
+def tiny_sdxl():
+    """SDXL's layout in miniature: a DownBlock2D first, CrossAttn blocks, two resnets per block, text_time embedding."""
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16, norm_num_groups=4, attention_head_dim=4, addition_embed_type="text_time",
+        addition_time_embed_dim=4, projection_class_embeddings_input_dim=4 * 6 + 8,
+    ).eval()  # fmt: skip
+
+
+_g = torch.Generator().manual_seed(1)
+INPUTS = {"sample": torch.randn(2, 4, 8, 8, generator=_g), "timestep": torch.tensor([10, 500]),
+          "encoder_hidden_states": torch.randn(2, 5, 16, generator=_g),
+          "added_cond_kwargs": {"text_embeds": torch.randn(2, 8, generator=_g), "time_ids": torch.randn(2, 6, generator=_g)}}  # fmt: skip
+CONFIGS = {
+    "lora": lambda t: lyco.LoRAConfig(r=2, alpha=2, target_modules=t, init_weights=False),
+    "loha": lambda t: lyco.LoHaConfig(r=2, alpha=2, target_modules=t, init_weights=False),
+    "lokr": lambda t: lyco.LoKrConfig(r=2, alpha=2, target_modules=t, init_weights=False, decompose_both=True),
+}
+
+
+def leaves(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def run(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**INPUTS).sample
+
+
+def save(model, path) -> dict[str, torch.Tensor]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # consumer notes for diffusers models
+        lyco.save_lycoris(model, path, style="kohya")
+    return load_file(path)
+
+
+def test_sgm_names_are_sdxls():
+    unet = tiny_sdxl()
+    names = sgm_names(n for n, _ in unet.named_modules())
+    layers = leaves(unet)
+    assert set(layers) <= set(names) and len({names[n] for n in layers}) == len(layers)
+    assert names["conv_in"] == "input_blocks.0.0" and names["conv_out"] == "out.2"
+    assert names["add_embedding.linear_2"] == "label_emb.0.2" and names["time_embedding.linear_1"] == "time_embed.0"
+    assert names["down_blocks.0.downsamplers.0.conv"] == "input_blocks.3.0.op"
+    assert names["down_blocks.1.resnets.0.conv_shortcut"] == "input_blocks.4.0.skip_connection"
+    assert names["down_blocks.1.attentions.1.transformer_blocks.0.attn2.to_k"] == "input_blocks.5.1.transformer_blocks.0.attn2.to_k"
+    assert names["mid_block.resnets.1.conv2"] == "middle_block.2.out_layers.3"
+    assert names["up_blocks.0.upsamplers.0.conv"] == "output_blocks.2.2.conv"  # after an attention: .2 (SDXL's)
+    assert names["up_blocks.1.resnets.2.time_emb_proj"] == "output_blocks.5.0.emb_layers.1"
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_sdxl_kohya_file_has_sgm_names_that_diffusers_maps_back(method, tmp_path):
+    base = tiny_sdxl()
+    model = lyco.get_model(copy.deepcopy(base), CONFIGS[method](leaves(base)))
+    sd = save(model, tmp_path / "a.safetensors")
+    stems = {k.split(".")[0] for k in sd}
+    assert len(stems) == len(leaves(base))
+    assert not any(p in s for s in stems for p in ("down_blocks", "mid_block", "up_blocks"))
+    assert {"lora_unet_label_emb_0_0", "lora_unet_output_blocks_2_2_conv", "lora_unet_input_blocks_0_0"} <= stems
+    # lyco reads its file back onto a fresh UNet with the same outputs
+    loaded = lyco.load_lycoris(copy.deepcopy(base), tmp_path / "a.safetensors")
+    assert (run(model) - run(base)).abs().max() > MOVED
+    torch.testing.assert_close(run(loaded), run(model), atol=ATOL, rtol=0)
+    if method == "lora":  # diffusers' converters of kohya files (independent of lyco) map every key back
+        mapped = conversion._maybe_map_sgm_blocks_to_diffusers(dict(sd), base.config)
+        converted, _ = conversion._convert_non_diffusers_lora_to_diffusers(mapped)
+        peft = diffusers.utils.convert_unet_state_dict_to_peft(
+            {k[len("unet.") :]: v for k, v in converted.items() if k.startswith("unet.")}
+        )
+        assert {k.rsplit(".lora_", 1)[0] for k in peft} == set(leaves(base))
+
+
+def test_sgm_file_loads_under_a_pipelines_unet(tmp_path):
+    base = tiny_sdxl()
+    model = lyco.get_model(copy.deepcopy(base), CONFIGS["lora"](leaves(base)))
+    save(model, tmp_path / "a.safetensors")
+    pipe = nn.Module()
+    pipe.unet = copy.deepcopy(base)
+    loaded = lyco.load_lycoris(pipe, tmp_path / "a.safetensors")
+    assert {n for n, _ in loaded.adapted_layers()} == {f"unet.{n}" for n in leaves(base)}
+    torch.testing.assert_close(run(loaded.model.unet), run(model), atol=ATOL, rtol=0)
+
+
+def test_sd1_kohya_files_keep_diffusers_names(tmp_path):
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, norm_num_groups=4, attention_head_dim=4,
+    )  # fmt: skip
+    model = lyco.get_model(unet, CONFIGS["lora"](["to_q", "conv1"]))
+    stems = {k.split(".")[0] for k in save(model, tmp_path / "a.safetensors")}
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in stems  # sd-scripts' SD1 names
