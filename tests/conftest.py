@@ -150,6 +150,37 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+_PRESET_ATTRS = ("ENABLE_CONV", "TARGET_REPLACE_MODULE", "TARGET_REPLACE_NAME", "LORA_PREFIX", "MODULE_ALGO_MAP",
+                 "NAME_ALGO_MAP", "USE_FNMATCH", "TARGET_EXCLUDE_NAME", "UNET_TARGET_REPLACE_MODULE",
+                 "UNET_TARGET_REPLACE_NAME", "TEXT_ENCODER_TARGET_REPLACE_MODULE", "TEXT_ENCODER_TARGET_REPLACE_NAME")  # fmt: skip
+
+
+def _preset_classes() -> list[type]:
+    import lyco.kohya
+    import lyco.network
+
+    classes: list[type] = [lyco.network.LycorisNetwork, lyco.kohya.LycorisNetworkKohya]
+    try:  # lycoris-lora keeps its presets as global class state that every apply_preset call changes
+        import lycoris
+        import lycoris.kohya
+
+        classes += [lycoris.LycorisNetwork, lycoris.kohya.LycorisNetworkKohya]
+    except ImportError:
+        pass
+    return classes
+
+
+_PRESETS = {cls: {a: cls.__dict__[a] for a in (*_PRESET_ATTRS, "preset") if a in cls.__dict__} for cls in _preset_classes()}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_presets() -> None:
+    """Every test starts from the networks' default presets (lycoris-lora's and lyco's class-level ones)."""
+    for cls, attrs in _PRESETS.items():
+        for name, value in attrs.items():
+            setattr(cls, name, value)
+
+
 @pytest.fixture
 def make_container() -> Callable[..., Container]:
     """``make_container(kind, dtype=fp32)`` → a :class:`Container` holding a fresh layer of ``kind``."""

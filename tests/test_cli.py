@@ -130,12 +130,16 @@ def test_convert_peft_to_file_and_back_keeps_every_delta(
     kind: str, style: str, files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "x.safetensors"
-    assert "max relative ΔW difference 0.0e+00" in run(capsys, "convert", files[f"{kind}_peft"], out, "--style", style)
+    # bit-exact, except diffusers' own layout, whose scale lives in the tensors (no .alpha): float rounding only
+    tol = 1e-6 if style == "diffusers" else 0.0
+    said = run(capsys, "convert", files[f"{kind}_peft"], out, "--style", style)
+    assert float(re.search(r"max relative ΔW difference (\S+)", said).group(1)) <= tol
     back = tmp_path / "back"
     run(capsys, "convert", out, back, "--to", "peft", "--base", files["base"])
     src, mid, dst = read_adapter(files[f"{kind}_peft"]), read_adapter(out), read_adapter(back)
-    assert compare_adapters(src, mid) == (0.0, 3)
-    assert compare_adapters(src, dst) == (0.0, 3)
+    for a, b in ((src, mid), (src, dst)):
+        diff, n = compare_adapters(a, b)
+        assert n == 3 and diff <= tol
     # outputs, not just weights: the original PEFT dir and the round-tripped one give the same model
     want = lyco.LycoModel.from_pretrained(base_net(), files[f"{kind}_peft"])(X)
     got = lyco.LycoModel.from_pretrained(base_net(), back)(X)

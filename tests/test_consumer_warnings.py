@@ -36,9 +36,22 @@ def test_each_known_shortfall_is_named_with_its_modules(tmp_path):
         lyco.LoKrConfig(r=2, target_modules=["conv1"], use_effective_conv2d=True, decompose_factor=4),
         lyco.LoRAConfig(r=2, target_modules=["to_q"], weight_decompose=True),
     ])  # fmt: skip
-    (text,) = saved_warnings(lyco.get_model(unet(), config), tmp_path / "a.safetensors")
+    (text,) = saved_warnings(lyco.get_model(unet(), config), tmp_path / "a.safetensors", style="lycoris")
     assert "lokr_t2" in text and "#11245" in text and DORA_OUTPUT_AXIS in text and LYCORIS_NAMES in text
     assert "module(s) (down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q" in text
+
+
+def test_the_default_style_is_the_one_the_model_familys_consumers_read(tmp_path):
+    from safetensors import safe_open
+
+    model = lyco.get_model(unet(), lyco.LoRAConfig(r=2, target_modules=["to_q"], weight_decompose=True, wd_on_out=False))
+    assert saved_warnings(model, tmp_path / "u.safetensors") == []  # kohya: nothing AUTOMATIC1111 would skip
+    with safe_open(str(tmp_path / "u.safetensors"), "pt") as fh:
+        assert all(k.startswith("lora_unet_") for k in fh.keys())  # noqa: SIM118 (safe_open has no __iter__)
+    other = lyco.get_model(nn.Sequential(nn.Linear(8, 8)), lyco.LoRAConfig(r=2, target_modules=["0"]))
+    lyco.save_lycoris(other, tmp_path / "o.safetensors")
+    with safe_open(str(tmp_path / "o.safetensors"), "pt") as fh:
+        assert all(k.startswith("lycoris_") for k in fh.keys())  # noqa: SIM118 (safe_open has no __iter__)
 
 
 def test_files_every_consumer_applies_warn_nothing(tmp_path):

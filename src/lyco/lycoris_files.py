@@ -18,7 +18,7 @@ from torch import nn
 
 from .errors import ArgumentError, FormatError
 from .formats.adapterfile import AdapterFile, ModuleAdapter
-from .formats.consumers import consumer_warnings, diffusion_model
+from .formats.consumers import consumer_warnings, default_style, diffusion_model
 from .formats.keys import infer_component
 from .formats.lycoris import read_lycoris_file, write_lycoris_file
 from .formats.metadata import SDXL, base_model_metadata, base_model_version
@@ -73,11 +73,13 @@ def save_lycoris(
     adapter_name: str = "default",
     prefix: str | None = None,
     metadata: dict[str, str] | None = None,
-    style: str = "lycoris",
+    style: str | None = None,
     consumer_safe: bool = False,
 ) -> None:
     """Save one adapter of ``model`` as a LyCORIS/kohya file (see :func:`lyco.formats.write_lycoris_file`
-    for ``style``).
+    for ``style``). Default style: what the model family's consumers read (:func:`lyco.formats.consumers.default_style`:
+    ``kohya`` for diffusers models — ComfyUI, AUTOMATIC1111/Forge, sd-scripts, diffusers all map it; SDXL UNets get
+    kohya's original SGM names — else ``lycoris``).
 
     A LoKr module with both factors full and ``alpha ≠ r`` is written with ``alpha / r`` folded into
     ``lokr_w1`` (files apply scale 1 there), so every reader computes the same output. For a diffusers
@@ -90,6 +92,7 @@ def save_lycoris(
     the file then reloads as that layout.
     """
     af = adapter_file(model, adapter_name)
+    style = default_style(model.model) if style is None else style
     if consumer_safe:  # the same ΔW in layouts that no checked consumer mishandles
         af = af.in_consumer_layout()
     component = infer_component(model.model, list(af.modules))

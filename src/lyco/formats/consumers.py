@@ -42,3 +42,10 @@ def consumer_warnings(af: AdapterFile, style: str | None = None) -> list[str]:
 def diffusion_model(model: object) -> bool:
     """Whether ``model`` (or its ``unet`` / ``transformer``) is a diffusers model: its files go to the tools above."""
     return any(type(m).__module__.startswith("diffusers.") for m in model_components(model))
+
+
+def default_style(model: object) -> str:
+    """The key style whose files ``model``'s consumers load fully: ``kohya`` for diffusers models (the one style
+    ComfyUI, AUTOMATIC1111/Forge, kohya sd-scripts and diffusers' kohya converters all map), else ``lycoris``
+    (lycoris-lora's wrapper; LLM tooling reads PEFT folders)."""
+    return "kohya" if diffusion_model(model) else "lycoris"

@@ -13,6 +13,7 @@ Layers of this module: :func:`parse_state_dict` (tensors → unresolved :class:`
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import warnings
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import FormatError
+from ..methods.config import pattern_value
 from ..methods.registry import file_keys
 from .adapterfile import AdapterFile, ModuleAdapter
 from .io import PICKLE_SUFFIXES, as_path, read_metadata, read_tensors, warn_nonfinite, write_tensors
@@ -129,8 +131,51 @@ def parse_state_dict(
     _drop(source, dropped, strict, "that lyco cannot use")
     _drop(source, elsewhere, False, "outside the requested prefix")
     modules = {stem: _module(source, stem, params) for stem, params in groups.items()}
+    modules = _peft_scales(modules, metadata or {}, source)
     convention = "+".join(sorted(set(conventions))) or "unknown"
     return AdapterFile(modules, convention=convention, metadata=dict(metadata or {}), resolved=False)
+
+
+PEFT_METADATA = "lora_adapter_metadata"  # diffusers' header: the PEFT config(s) of a file without .alpha keys
+
+
+def _peft_scales(modules: dict[str, ModuleAdapter], metadata: dict[str, str], source: str) -> dict[str, ModuleAdapter]:
+    """Modules without a stored alpha take PEFT's scale from diffusers' ``lora_adapter_metadata`` header (the PEFT
+    config diffusers' ``save_lora_weights`` / ``save_lora_adapter`` write instead of ``.alpha`` keys; pipeline
+    files prefix its fields with the component, ``transformer.r``): ``alpha / r`` (``alpha / √r`` with
+    ``use_rslora``) by PEFT's ``rank_pattern`` / ``alpha_pattern`` rule, as alpha for ranked modules and folded
+    into the tensors of a LoKr with both factors full (PEFT scales those too)."""
+    raw = metadata.get(PEFT_METADATA)
+    if not raw or all(m.alpha is not None for m in modules.values()):
+        return modules
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        warnings.warn(f"{source}: {PEFT_METADATA} is not JSON; modules without alpha get scale 1", stacklevel=3)
+        return modules
+    if not isinstance(data, dict):
+        return modules
+    configs: dict[str, dict] = {}  # "" or "transformer." → the PEFT config's fields
+    for key, value in data.items():
+        head, dot, name = str(key).rpartition(".")
+        configs.setdefault(f"{head}." if dot else "", {})[name if dot else str(key)] = value
+    out = dict(modules)
+    for stem, m in modules.items():
+        prefix = next((p for p in sorted(configs, key=len, reverse=True) if stem.startswith(p)), None)
+        if m.alpha is not None or prefix is None:
+            continue
+        cfg, path = configs[prefix], stem[len(prefix) :]
+        r = pattern_value(cfg.get("rank_pattern") or {}, path, cfg.get("r", 8))
+        alpha = pattern_value(cfg.get("alpha_pattern") or {}, path, cfg.get("alpha", cfg.get("lora_alpha", r)))
+        try:
+            scale = float(alpha) / (math.sqrt(float(r)) if cfg.get("use_rslora") else float(r))
+        except (TypeError, ValueError, ZeroDivisionError):
+            raise FormatError(f"{source}: {PEFT_METADATA} gives module {stem!r} r={r!r}, alpha={alpha!r}") from None
+        if m.unranked:
+            out[stem] = ModuleAdapter(m.algo, m.method.fold_scale(m.tensors, scale), None, m.weight_shape)
+        else:
+            out[stem] = ModuleAdapter(m.algo, m.tensors, scale * float(m.rank), m.weight_shape)
+    return out
 
 
 def resolve_adapter_file(
@@ -191,22 +236,26 @@ def lycoris_state_dict(
     af: AdapterFile, style: str = "lycoris", prefix: str | None = None, component: str | None = None
 ) -> dict[str, torch.Tensor]:
     """The tensors of ``af`` under ``style``'s keys, each module with a 0-dim float32 ``.alpha`` unless its
-    method stores none (Full) (``r`` where none is stored; a module without rank and alpha gets 1, which no reader uses). A stored alpha
+    method stores none (Full) or the file is in diffusers' own layout (style ``diffusers`` with its component
+    prefixes: diffusers' loaders take alpha = r there, so the scale is folded into the tensors) (``r`` where none is stored; a module without rank and alpha gets 1, which no reader uses). A stored alpha
     is never 0 (kohya and lycoris-lora read 0 as r, ComfyUI and AUTOMATIC1111 as 0): a module of scale 0 is
     written with its tensors scaled by 0 and ``alpha = r``, which every reader applies alike."""
     names = list(af.modules)
     comp = component if component is not None else infer_component(None, names)
     stems = module_keys(names, style, prefix=prefix, resolved=af.resolved, component=comp)
+    baked = style == "diffusers" and prefix is None  # component prefixes (transformer., unet.): diffusers' own layout
     out: dict[str, torch.Tensor] = {}
     for name, m in af.modules.items():
         stem = stems[name]
         if m.alpha == 0 and m.rank is not None:  # scale 0: never store 0, which consumers read differently
             m = m.with_scale_folded(0.0, float(m.rank))
+        if baked:  # diffusers' own layout has no .alpha (its loaders take alpha = r): the scale is in the tensors
+            m = m.with_scale_folded(m.scale(), None)  # type: ignore[arg-type]
         params = m.method.tensor_params()
         tensors = m.method.peft_layout(m.tensors) if style == "peft" else m.tensors  # PEFT's Conv1d core layout
         for p, t in tensors.items():
             out[f"{stem}.{params[p].file_key}"] = t.detach()
-        if m.method.stores_alpha:
+        if m.method.stores_alpha and not baked:
             alpha = m.alpha if m.alpha is not None else float(m.rank or 1)
             out[f"{stem}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
     return out
