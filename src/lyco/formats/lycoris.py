@@ -114,6 +114,8 @@ def parse_state_dict(
         if param in UNSUPPORTED_KEYS:
             raise FormatError(f"{source}: key {key!r} is {UNSUPPORTED_KEYS[param]}")
         conv = match_convention(stem, prefix)
+        if conv is None and prefix is None and PEFT_METADATA in (metadata or {}):
+            conv = match_convention(stem, "")  # diffusers' save_lora_adapter: bare module paths and a PEFT header
         if conv is None and prefix is not None:
             elsewhere.append((key, f"prefix is not {prefix!r}"))
             continue
