@@ -22,7 +22,7 @@ from ..ops.paths import element_cost
 from .adapter import Adapter
 from .config import AdapterConfig
 from .registry import register_method
-from .schema import FitOptions, Param, Shape
+from .schema import FitOptions, Param, RowPart, Shape
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,33 @@ class FullAdapter(Adapter):
     def fold_scale(cls, tensors, factor):
         """Both deltas scale (``ΔW`` and ``Δb`` are linear in them)."""
         return {k: t * factor if factor != 1 else t for k, t in tensors.items()}
+
+    @classmethod
+    def take_rows(cls, tensors, plan, rows):
+        """``diff[rows]`` and ``diff_b[rows]``."""
+        return {k: t[rows] for k, t in tensors.items()}
+
+    @classmethod
+    def stack_rows(cls, parts: list[RowPart]):
+        """``diff = cat(scale_i·diff_i)`` (zeros for a part without tensors), ``diff_b`` likewise when any part has
+        one; scale 1."""
+        present = [p.tensors for p in parts if p.tensors is not None]
+        like = present[0]["diff"]
+
+        def block(p: RowPart, name: str, shape: Shape) -> torch.Tensor:
+            if p.tensors is None or name not in p.tensors:
+                return like.new_zeros(shape)
+            return p.tensors[name] * p.scale
+
+        out = {"diff": torch.cat([block(p, "diff", p.weight_shape) for p in parts])}
+        if any("diff_b" in t for t in present):
+            out["diff_b"] = torch.cat([block(p, "diff_b", p.weight_shape[:1]) for p in parts])
+        return out, 1.0
+
+    @classmethod
+    def dense_tensors(cls, delta, bias_delta):
+        """``diff = delta``, ``diff_b = bias_delta`` (when given): any ``ΔW`` and bias delta, exactly."""
+        return {"diff": delta} if bias_delta is None else {"diff": delta, "diff_b": bias_delta}
 
     @classmethod
     def extract(cls, delta: torch.Tensor, opts: FitOptions) -> dict[str, torch.Tensor]:

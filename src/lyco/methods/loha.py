@@ -22,11 +22,12 @@ from ..ops.factorize import LoHaPlan, infer_loha_plan, plan_loha
 from ..ops.hadamard import fit_loha, hada_apply, hada_khatri_rao, loha_delta
 from ..ops.lowrank import svd_factors
 from ..ops.paths import element_cost
+from ..ops.rows import block_diag_rows, common_scale
 from ..ops.tucker import cp_rebuild
 from .adapter import Adapter
 from .config import LowRankConfig
 from .registry import register_method
-from .schema import FitOptions, Param, Shape, check_dense
+from .schema import FitOptions, Param, RowPart, Shape, check_dense
 
 
 @dataclass
@@ -149,6 +150,35 @@ class LoHaAdapter(Adapter):
         if "hada_t1" in tensors:
             return super().matvec(tensors, plan, v)
         return hada_apply(v.T, *(tensors[n] for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))).T
+
+    @classmethod
+    def take_rows(cls, tensors, plan, rows):
+        """The output rows of both Hadamard factors: ``hada_w{1,2}_a[rows]`` (CP: their columns, ``(r, out)``)."""
+        dim = 1 if "hada_t1" in tensors else 0
+        return {**tensors, **{n: tensors[n].index_select(dim, rows) for n in ("hada_w1_a", "hada_w2_a")}}
+
+    @classmethod
+    def stack_rows(cls, parts: list[RowPart]):
+        """Both factors stacked alike, rank ``Σr_i``: ``hada_w{1,2}_a`` block-diagonal ``(Σout, Σr)`` (part ``i``'s
+        ``scale_i / scale`` folded into its ``w1_a`` block), ``hada_w{1,2}_b = cat(…) (Σr, in)``; row block ``i`` of
+        the product is ``(w1_a w1_b) ⊙ (w2_a w2_b)`` of part ``i``, exactly. ``None`` for CP modules."""
+        present = [p for p in parts if p.tensors is not None]
+        if any("hada_t1" in p.tensors for p in present):
+            return None
+        scale = common_scale([p.scale for p in present])
+
+        def blocks(name: str, fold: bool) -> list[torch.Tensor | int]:
+            return [
+                p.weight_shape[0] if p.tensors is None
+                else p.tensors[name] * (p.scale / scale if fold and scale else 1.0)
+                for p in parts
+            ]  # fmt: skip
+
+        out = {"hada_w1_a": block_diag_rows(blocks("hada_w1_a", True)),
+               "hada_w2_a": block_diag_rows(blocks("hada_w2_a", False))}  # fmt: skip
+        for name in ("hada_w1_b", "hada_w2_b"):
+            out[name] = torch.cat([p.tensors[name] for p in present])
+        return out, scale
 
     @classmethod
     def fit_config(cls, plans, base_r):

@@ -36,6 +36,7 @@ from ..ops.kron import (
 )
 from ..ops.lowrank import lokr_factors, svd_factors
 from ..ops.paths import element_cost, op_overhead
+from ..ops.rows import kron_rows
 from .adapter import Adapter
 from .config import LowRankConfig
 from .registry import register_method
@@ -268,6 +269,17 @@ class LoKrAdapter(Adapter):
         if not plan.use_w2 and not plan.use_cp:
             return kron_apply(v.T, w1, None, tensors["lokr_w2_a"], tensors["lokr_w2_b"]).T
         return kron_apply(v.T, w1, lokr_w2(tensors, plan).reshape(plan.out_r, -1)).T
+
+    @classmethod
+    def take_rows(cls, tensors, plan: LoKrPlan, rows):
+        """Exact when ``rows`` are whole blocks of ``out_r`` rows (:func:`lyco.ops.rows.kron_rows`): ``kron(w1, w2)
+        [rows] = kron(w1[idx], w2)``, so ``lokr_w1`` (or ``lokr_w1_a``) keeps rows ``idx`` and ``w2`` is unchanged;
+        ``None`` otherwise. Stacking several LoKr modules (:meth:`stack_rows`) is generally not a LoKr: ``None``."""
+        idx = kron_rows(rows, plan.out_r)
+        if idx is None:
+            return None
+        name = "lokr_w1" if plan.use_w1 else "lokr_w1_a"
+        return {**tensors, name: tensors[name][idx]}
 
     @classmethod
     def fit_config(cls, plans, base_r):

@@ -26,10 +26,11 @@ from ..ops.factorize import LoRAPlan, infer_lora_plan, plan_lora
 from ..ops.lora_math import lora_apply, lora_delta, lora_linear
 from ..ops.lowrank import lora_factors, svd_factors
 from ..ops.paths import element_cost, op_overhead
+from ..ops.rows import block_diag_rows, common_scale
 from .adapter import Adapter
 from .config import LowRankConfig
 from .registry import register_method
-from .schema import FitOptions, Param, Shape, check_dense
+from .schema import FitOptions, Param, RowPart, Shape, check_dense
 
 # PEFT LoraConfig fields for features lyco does not have, readable only at their neutral values.
 _PEFT_FIXED = {
@@ -217,6 +218,25 @@ class LoRAAdapter(Adapter):
         if "lora_mid" in tensors:
             return super().matvec(tensors, plan, v)
         return tensors["lora_up"].flatten(1) @ (tensors["lora_down"].flatten(1) @ v)
+
+    @classmethod
+    def take_rows(cls, tensors, plan, rows):
+        """``lora_up[rows]`` (``(out, r, 1…)``, Tucker too); ``lora_down`` (and ``lora_mid``) and the rank unchanged."""
+        return {**tensors, "lora_up": tensors["lora_up"][rows]}
+
+    @classmethod
+    def stack_rows(cls, parts: list[RowPart]):
+        """Rank ``Σr_i``: ``lora_down = cat(down_i) (Σr, in, *k)``, ``lora_up`` block-diagonal ``(Σout, Σr, 1…)``
+        with ``up_i · scale_i / scale`` (:func:`lyco.ops.rows.common_scale`); exact. ``None`` with a Tucker core."""
+        present = [p for p in parts if p.tensors is not None]
+        if any("lora_mid" in p.tensors for p in present):
+            return None
+        scale = common_scale([p.scale for p in present])
+        ups = [
+            p.weight_shape[0] if p.tensors is None else p.tensors["lora_up"] * (p.scale / scale if scale else 1.0)
+            for p in parts
+        ]
+        return {"lora_down": torch.cat([p.tensors["lora_down"] for p in present]), "lora_up": block_diag_rows(ups)}, scale
 
     @classmethod
     def fit_config(cls, plans, base_r):

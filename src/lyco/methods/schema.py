@@ -13,9 +13,9 @@ arguments map the same names to shapes.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 
@@ -98,6 +98,17 @@ class ShapePlan:
     weight_shape: Shape
     r: int
     ranked: bool = True
+
+
+class RowPart(NamedTuple):
+    """One block of rows in a row stack (:meth:`MethodSchema.stack_rows`): a module's ``tensors`` (without
+    ``dora_scale``; ``None``: ``weight_shape[0]`` zero rows), its shape ``plan`` (``None`` with no tensors), the
+    ``scale`` its ``ΔW`` carries in the stack, and its layer weight shape ``(rows, in, *k)``."""
+
+    tensors: Tensors | None
+    plan: Any
+    scale: float
+    weight_shape: Shape
 
 
 @dataclass(frozen=True)
@@ -265,6 +276,28 @@ class MethodSchema:
             first = next(n for n in cls.tensor_params() if n in out)
             out[first] = out[first] * factor
         return out
+
+    # -- output rows (fused ↔ split projections) --------------------------------------------------
+    @classmethod
+    def take_rows(cls, tensors: Tensors, plan: Any, rows: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """Tensors of this method, with the same rank, whose unscaled ``ΔW`` is ``ΔW[rows]`` — ``rows``: 1-D int64
+        indices into the layer's output rows, in the order wanted (a slice, a permutation) — or ``None`` where the
+        method's structure cannot hold exactly those rows. ``tensors`` come without ``dora_scale`` (the caller
+        takes its rows). Default: ``None`` (the caller then writes a dense ``ΔW``)."""
+        return None
+
+    @classmethod
+    def stack_rows(cls, parts: Sequence[RowPart]) -> tuple[dict[str, torch.Tensor], float] | None:
+        """``(tensors, scale)`` of this method whose unscaled ``ΔW`` times ``scale`` is exactly the row stack
+        ``[scale_1·ΔW_1; scale_2·ΔW_2; …]`` of ``parts`` (:class:`RowPart`, all of this method; a part without
+        tensors is zero rows), or ``None`` where the method cannot. Default: ``None``."""
+        return None
+
+    @classmethod
+    def dense_tensors(cls, delta: torch.Tensor, bias_delta: torch.Tensor | None) -> dict[str, torch.Tensor] | None:
+        """Tensors of this method holding exactly ``ΔW = delta (out, in, *k)`` and the bias delta ``(out,)`` (or
+        ``None``) at scale 1 — what a lossless fallback is written as — or ``None``: the method cannot (default)."""
+        return None
 
     # -- configs and metadata ---------------------------------------------------------------------
     @staticmethod
