@@ -17,6 +17,7 @@ from the library's table. Observed diffusers 0.42.1 behaviour the oracle tests w
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -368,3 +369,29 @@ def test_linear1_at_flux_dev_sizes_splits_as_diffusers_does(ranks):
         delta = theirs[f"{key}.lora_B.weight"] @ theirs[f"{key}.lora_A.weight"]
         assert torch.allclose(delta, af.modules[n].delta_weight(), atol=EXACT, rtol=0), n
         assert torch.allclose(back.modules[n].delta_weight(), delta, atol=EXACT, rtol=0), n
+
+
+# -- wired into save_lycoris / load_lycoris -------------------------------------------------------------------
+@pytest.mark.parametrize("case", ["lora", "loha", "lokr-aligned", "full"])
+def test_kohya_style_of_a_flux_model_is_bfls_fused_layout_and_reloads(case, tmp_path):
+    """``save_lycoris(style="kohya")`` of a diffusers Flux.1 writes what sd-scripts writes (``lora_unet_`` + BFL
+    paths, fused q,k,v and linear1); ``load_lycoris`` splits such a file back onto the diffusers model exactly."""
+    from safetensors.torch import load_file
+
+    model, _ = lyco_file(CASES[case][0])
+    path = tmp_path / "flux.safetensors"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lyco.save_lycoris(model, path, style="kohya")
+    stems = {k.split(".")[0] for k in load_file(path)}
+    assert {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1",
+            "lora_unet_final_layer_adaLN_modulation_1", "lora_unet_img_in"} <= stems  # fmt: skip
+    assert not any("transformer_blocks" in s or "to_q" in s for s in stems)
+    dense = [str(w.message) for w in caught if "Full deltas" in str(w.message)]
+    assert bool(dense) == bool(CASES[case][1])  # only where the method cannot hold a stack (LoKr), noted
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the split note of a stacked LoKr
+        loaded = lyco.load_lycoris(copy.deepcopy(BASE), path)
+    assert {n for n, _ in loaded.adapted_layers()} == set(LINEARS)
+    assert (run(model) - run(BASE)).abs().max() > 1e-4
+    torch.testing.assert_close(run(loaded), run(model), atol=1e-5, rtol=0)

@@ -9,25 +9,29 @@ from the tensors (:func:`lyco.formats.peft_config.fit_config`) and the model's o
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import warnings
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
 from .errors import ArgumentError, FormatError
 from .formats.adapterfile import AdapterFile, ModuleAdapter
 from .formats.consumers import consumer_warnings, default_style, diffusion_model
+from .formats.fused import fuse, fused_side, split
 from .formats.keys import infer_component
-from .formats.lycoris import read_lycoris_file, write_lycoris_file
-from .formats.metadata import SDXL, base_model_metadata, base_model_version
+from .formats.lycoris import read_lycoris_file, resolve_adapter_file, write_lycoris_file
+from .formats.metadata import FLUX1, SDXL, base_model_metadata, base_model_version
 from .formats.names import ModuleTable
 from .formats.peft_config import ConfigFit, fit_config
 from .formats.sgm import sgm_names
 from .layer import AdaptedLayer
 from .methods.config import config_parts
 from .model import LycoModel
+from .ops.layerops import from_canonical, layer_spec
 from .targeting import find_targets
 from .tree import wrapper_internals
 
@@ -96,8 +100,15 @@ def save_lycoris(
     if consumer_safe:  # the same ΔW in layouts that no checked consumer mishandles
         af = af.in_consumer_layout()
     component = infer_component(model.model, list(af.modules))
-    if style == "kohya" and base_model_version(model.model) == SDXL:  # kohya writes SDXL's original (SGM) names
+    version = base_model_version(model.model)
+    if style == "kohya" and version == SDXL:  # kohya writes SDXL's original (SGM) names
         af = af.renamed(sgm_names(name for name, _ in model.model.named_modules()))
+    if style == "kohya" and version == FLUX1 and component == "transformer":  # kohya: BFL's fused projections
+        regrouped = fuse(af, ModuleTable.from_module(model.model), base=_base_weights(model.model, af))
+        af = regrouped.adapter
+        if regrouped.notes:
+            warnings.warn(f"{path}: kohya's fused Flux layout holds these modules as Full deltas (exact):\n  "
+                          + "\n  ".join(regrouped.notes), stacklevel=2)  # fmt: skip
     metadata = {**base_model_metadata(model.model), **(metadata or {})}  # the user's values win
     write_lycoris_file(af, path, style=style, prefix=prefix, metadata=metadata, component=component)
     if diffusion_model(model.model) and (notes := consumer_warnings(af, style)):
@@ -115,8 +126,34 @@ def fit_file(root: nn.Module, af: AdapterFile, skip: set[str]) -> ConfigFit:
     return fit
 
 
+def _base_weights(root: nn.Module, af: AdapterFile) -> dict[str, torch.Tensor]:
+    """The canonical base weights of ``af``'s layers in ``root`` (an input-axis DoRA cut needs them)."""
+    out = {}
+    for name in af.modules:
+        module = root.get_submodule(name)
+        layer = module.base_layer if isinstance(module, AdaptedLayer) else module
+        spec = layer_spec(layer)
+        if spec is not None:
+            out[name] = from_canonical(spec, layer.weight.detach())  # a transpose (Conv1D) or nothing: its own inverse
+    return out
+
+
 def _read(path: str | os.PathLike, root: nn.Module, prefix: str | None, strict: bool, allow_pickle: bool) -> AdapterFile:
-    af = read_lycoris_file(path, model=ModuleTable.from_module(root), prefix=prefix, strict=strict, allow_pickle=allow_pickle)
+    table = ModuleTable.from_module(root)
+    fused = fused_side(table)
+    if fused is None:
+        af = read_lycoris_file(path, model=table, prefix=prefix, strict=strict, allow_pickle=allow_pickle)
+    else:  # a split model (diffusers Flux): a file in the fused layout (BFL / kohya names) is split onto it
+        raw = read_lycoris_file(path, prefix=prefix, strict=strict, allow_pickle=allow_pickle)
+        as_split, as_fused = table.resolve(raw.modules, prefix), fused.resolve(raw.modules, prefix)
+        if len(as_fused.found) > len(as_split.found):
+            regrouped = split(resolve_adapter_file(raw, fused, prefix, strict, str(path)), table)
+            af = dataclasses.replace(regrouped.adapter, resolved=True)
+            if regrouped.notes:
+                warnings.warn(f"{path}: split onto the model as Full deltas (exact):\n  " + "\n  ".join(regrouped.notes),
+                              stacklevel=3)  # fmt: skip
+        else:
+            af = resolve_adapter_file(raw, table, prefix, strict, str(path))
     if not af.modules:
         raise FormatError(f"{path}: no module of the file matches the model")
     return af

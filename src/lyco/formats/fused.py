@@ -37,7 +37,7 @@ from .names import ModuleTable
 
 __all__ = [
     "FLUX1", "FusedLayout", "FusedTable", "Fusion", "Group", "Part", "Regrouped", "Segment", "fuse", "fused_name",
-    "resolve", "split", "split_name",
+    "fused_side", "resolve", "split", "split_name",
 ]  # fmt: skip
 
 
@@ -444,3 +444,15 @@ def _span(rows: torch.Tensor) -> str:
     lo, hi = int(rows.min()), int(rows.max()) + 1
     return f"{lo}:{hi}" if hi - lo == rows.numel() and is_identity(rows - lo, rows.numel()) else f"({rows.numel()} rows)"
 
+
+
+def fused_side(table: ModuleTable, fused: FusedTable = FLUX1) -> ModuleTable | None:
+    """The fused-side names of a split model (BFL's ``double_blocks.0.img_attn.qkv`` … of a diffusers Flux.1) as a
+    :class:`ModuleTable` with the fused weight shapes, or ``None`` when ``fused`` covers none of its modules."""
+    try:
+        layout = resolve(fused, table)
+    except ShapeMismatchError:
+        return None
+    if not layout.groups:
+        return None
+    return ModuleTable({g.fused: g.fused_shape for g in layout.groups}, source=f"{table.source} ({fused.name} names)")

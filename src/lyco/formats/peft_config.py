@@ -54,12 +54,14 @@ def _holdable(method: type[MethodSchema]) -> type[MethodSchema]:
 
 def _patterns(values: dict[str, float], default: float) -> dict[str, float]:
     """Per-module pattern (exact names, longest first: PEFT's first-match rule then picks each module's own
-    key); keys are regex-escaped only where a plain name would match another module."""
+    key); where a plain name would also match another module (a dot in it, or a name that is a dotted suffix of
+    another's, e.g. Flux's ``proj_out`` and ``single_transformer_blocks.0.proj_out``) every key is the escaped
+    name anchored at the start (``^proj_out``: PEFT's ``(.*\.)?(key)$`` then matches that module only)."""
     names = sorted((n for n in values if values[n] != default), key=len, reverse=True)
     plain = {n: values[n] for n in names}
     if all(pattern_value(plain, n, default) == v for n, v in values.items()):
         return plain
-    return {re.escape(n): values[n] for n in names}
+    return {"^" + re.escape(n): values[n] for n in names}
 
 
 def _dora_axis(name: str, af: AdapterFile, shape: tuple[int, ...]) -> bool | None:
