@@ -53,7 +53,7 @@ def _holdable(method: type[MethodSchema]) -> type[MethodSchema]:
 
 
 def _patterns(values: dict[str, float], default: float) -> dict[str, float]:
-    """Per-module pattern (exact names, longest first: PEFT's first-match rule then picks each module's own
+    r"""Per-module pattern (exact names, longest first: PEFT's first-match rule then picks each module's own
     key); where a plain name would also match another module (a dot in it, or a name that is a dotted suffix of
     another's, e.g. Flux's ``proj_out`` and ``single_transformer_blocks.0.proj_out``) every key is the escaped
     name anchored at the start (``^proj_out``: PEFT's ``(.*\.)?(key)$`` then matches that module only)."""
