@@ -110,4 +110,65 @@ def test_inspect_reports_the_consumer_notes(tmp_path, capsys):
     assert len(notes) == 2 and "#11245" in notes[0] and notes[1] == LYCORIS_NAMES
     lyco.save_lycoris(model, tmp_path / "b.safetensors", style="kohya", consumer_safe=True)
     assert cli.main(["inspect", str(tmp_path / "b.safetensors")]) == 0
-    assert "consumers" not in capsys.readouterr().out
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "ComfyUI:" in ln or "AUTOMATIC1111/Forge:" in ln]
+    assert len(lines) == 2 and all("loads fully (1 module(s))" in ln for ln in lines)
+
+
+# -- the per-consumer report (lyco inspect) ---------------------------------------------------------------------
+def report(model, path, **kwargs) -> dict:
+    from lyco import cli
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lyco.save_lycoris(model, path, **kwargs)
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(["inspect", str(path), "--json"]) == 0
+    return json.loads(out.getvalue())["consumers"]
+
+
+def test_report_kohya_sd1_file_loads_fully_everywhere_but_peft(tmp_path):
+    model = lyco.get_model(unet(), lyco.LoRAConfig(r=2, target_modules=["to_q", "conv1", "proj_in"]))
+    got = report(model, tmp_path / "a.safetensors")  # default style for a diffusers UNet: kohya
+    assert [c for c, v in got.items() if v["loads_fully"]] == ["ComfyUI", "AUTOMATIC1111/Forge",
+                                                              "kohya sd-scripts / lycoris-lora", "diffusers"]  # fmt: skip
+    assert got["PEFT"]["applied"] == 0 and "--to peft" in got["PEFT"]["summary"]
+
+
+def test_report_lycoris_style_is_lost_in_automatic1111(tmp_path):
+    model = lyco.get_model(unet(), lyco.LoRAConfig(r=2, target_modules=["to_q"]))
+    got = report(model, tmp_path / "a.safetensors", style="lycoris")
+    n = len(list(model.adapted_layers()))
+    assert got["AUTOMATIC1111/Forge"]["applied"] == 0 and len(got["AUTOMATIC1111/Forge"]["skipped"]) == n
+    assert got["ComfyUI"]["loads_fully"] and got["kohya sd-scripts / lycoris-lora"]["loads_fully"]
+
+
+def test_report_names_method_and_dora_shortfalls(tmp_path):
+    config = lyco.MixedConfig([
+        lyco.LoKrConfig(r=2, target_modules=["conv1"], use_effective_conv2d=True, decompose_factor=4),
+        lyco.LoRAConfig(r=2, target_modules=["to_q"], weight_decompose=True),
+        lyco.LoRAConfig(r=2, target_modules=["to_k"], weight_decompose=True, wd_on_out=False),
+    ])  # fmt: skip
+    got = report(lyco.get_model(unet(), config), tmp_path / "a.safetensors")
+    comfy, a1111, kohya = got["ComfyUI"]["different"], got["AUTOMATIC1111/Forge"]["different"], got["kohya sd-scripts / lycoris-lora"]["different"]
+    assert any("conv1" in k and "#11245" in v for k, v in comfy.items())
+    assert {k for k in a1111} == {k for k in comfy if "to_q" in k}  # output-axis DoRA only
+    assert kohya and all("to_k" in k for k in kohya)  # lycoris-lora reloads input-axis DoRA on the output axis
+
+
+def test_report_of_a_peft_folder(tmp_path):
+    from lyco import cli
+
+    model = lyco.get_model(nn.Sequential(nn.Linear(8, 8)), lyco.LoRAConfig(r=2, target_modules=["0"]))
+    model.save_pretrained(tmp_path / "dir")
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(["inspect", str(tmp_path / "dir"), "--json"]) == 0
+    got = json.loads(out.getvalue())["consumers"]
+    assert got["PEFT"]["loads_fully"] and not any(v["applied"] for c, v in got.items() if c != "PEFT")

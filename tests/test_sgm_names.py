@@ -118,3 +118,23 @@ def test_sd1_kohya_files_keep_diffusers_names(tmp_path):
     model = lyco.get_model(unet, CONFIGS["lora"](["to_q", "conv1"]))
     stems = {k.split(".")[0] for k in save(model, tmp_path / "a.safetensors")}
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in stems  # sd-scripts' SD1 names
+
+
+def test_inspect_report_of_sdxl_files_matches_the_automatic1111_run(tmp_path):
+    """lyco inspect's AUTOMATIC1111 verdict: SGM names load fully; diffusers names of SDXL lose exactly the 3 modules
+    AUTOMATIC1111 82a973c drops when run locally (120 of 123 applied), and every UNet module in sd-scripts."""
+    from lyco.formats.consumers import consumer_report
+    from lyco.formats.lycoris import read_lycoris_file, write_lycoris_file
+    from lyco.lycoris_files import adapter_file
+
+    base = tiny_sdxl()
+    model = lyco.get_model(copy.deepcopy(base), CONFIGS["lora"](leaves(base)))
+    save(model, tmp_path / "sgm.safetensors")
+    write_lycoris_file(adapter_file(model), tmp_path / "old.safetensors", style="kohya", component="unet")  # diffusers names
+    sgm = consumer_report(read_lycoris_file(tmp_path / "sgm.safetensors"))
+    old = consumer_report(read_lycoris_file(tmp_path / "old.safetensors"))
+    assert sgm["AUTOMATIC1111/Forge"].loads_fully and sgm["kohya sd-scripts / lycoris-lora"].loads_fully
+    assert sorted(old["AUTOMATIC1111/Forge"].skipped) == [
+        "lora_unet_add_embedding_linear_1", "lora_unet_add_embedding_linear_2", "lora_unet_up_blocks_0_upsamplers_0_conv"]  # fmt: skip
+    assert old["AUTOMATIC1111/Forge"].applied == 120
+    assert old["kohya sd-scripts / lycoris-lora"].applied == 0

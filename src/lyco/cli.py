@@ -158,8 +158,9 @@ def _run_inspect(args: argparse.Namespace) -> int:
     from .tools.convert import prepare
     from .tools.describe import describe
 
-    af = prepare(_read(args.path, args), index_base(args.base) if args.base else None)
-    report = describe(af, args.path)
+    raw = _read(args.path, args)
+    af = prepare(raw, index_base(args.base) if args.base else None)
+    report = describe(af, args.path, as_read=raw)
     if args.json:
         print(json.dumps(report.to_json(), indent=2, default=str))
     else:

@@ -125,8 +125,8 @@ def print_report(report: AdapterReport, plain: bool = False, max_value: int = 10
         print(f"{key.ljust(width)}  {value}")
     if report.network_args:
         print(f"{'network args'.ljust(width)}  {report.network_args}")
-    for i, note in enumerate(report.consumer_notes):  # what ComfyUI / AUTOMATIC1111 would not apply as lyco does
-        print(f"{('consumers' if i == 0 else '').ljust(width)}  {note}")
+    for i, (name, verdict) in enumerate(report.consumers.items()):  # per consumer: matched and applied as lyco does?
+        print(f"{('consumers' if i == 0 else '').ljust(width)}  {name}: {verdict['summary']}")
     rows = [
         (m.name, m.algo + ("" if m.dora is None else f"+dora({m.dora})"), shape_str(m.weight_shape),
          "full" if m.rank is None else m.rank, "-" if m.alpha is None else f"{m.alpha:g}", f"{m.scale:g}", f"{m.num_params:,}", ",".join(m.dtypes))

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..formats.adapterfile import AdapterFile, ModuleAdapter
-from ..formats.consumers import consumer_warnings
+from ..formats.consumers import consumer_report, consumer_warnings
 
 CONVENTIONS = {
     "peft": "PEFT (base_model.model.<module>.<param>)",
@@ -62,6 +62,8 @@ class AdapterReport:
     network_args: dict[str, Any] | None = None
     config: dict[str, Any] | None = None
     consumer_notes: list[str] = field(default_factory=list)  # known ComfyUI / AUTOMATIC1111 shortfalls (files)
+    # per consumer: loads_fully, applied (count), skipped / different ({module: why}), summary (one line)
+    consumers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,8 +99,18 @@ def disk_size(path: str | os.PathLike) -> int:
     return p.stat().st_size if p.exists() else 0
 
 
-def describe(af: AdapterFile, path: str | os.PathLike) -> AdapterReport:
-    """Report on ``af``, read from ``path`` (a PEFT directory or a LyCORIS/kohya file)."""
+def _consumers(af: AdapterFile) -> dict[str, dict[str, Any]]:
+    report = consumer_report(af)
+    return {
+        name: {"loads_fully": v.loads_fully, "applied": v.applied, "skipped": v.skipped, "different": v.different,
+               "summary": v.summary(len(af.modules))}
+        for name, v in report.items()
+    }  # fmt: skip
+
+
+def describe(af: AdapterFile, path: str | os.PathLike, as_read: AdapterFile | None = None) -> AdapterReport:
+    """Report on ``af``, read from ``path`` (a PEFT directory or a LyCORIS/kohya file); ``as_read``: the file as
+    read, before its names were resolved against a base model (the consumers see its keys), default ``af``."""
     modules = []
     for name, m in sorted(af.modules.items()):
         dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in m.tensors.values()})
@@ -130,4 +142,5 @@ def describe(af: AdapterFile, path: str | os.PathLike) -> AdapterReport:
         network_args=network_args,
         config=af.config,
         consumer_notes=[] if Path(path).is_dir() else consumer_warnings(af, style=af.convention),
+        consumers=_consumers(as_read or af) if not (as_read or af).resolved or af.config is not None else {},
     )
