@@ -286,23 +286,12 @@ def test_files_have_lycoris_keys_shapes_and_metadata(trained, case):
     assert json.loads(ss["ss_network_args"])["algo"] == dict(c[:2] for c in CASES)[case]["algo"]
 
 
+@pytest.mark.parametrize("trainer", ["lyco.kohya", "lycoris.kohya"], ids=["own-file", "lycoris-file"])
 @pytest.mark.parametrize("case", IDS)
-def test_lyco_reloads_and_merges_its_file(trained, bases, case):
-    run = trained("lyco.kohya", case)
-    torch.testing.assert_close(
-        reload_outputs("lyco.kohya", run["path"], bases), run["out"], atol=ATOL, rtol=0
-    )
-    te, unet = merged_models("lyco.kohya", run["path"], bases)
-    assert_plain(te, unet)
-    torch.testing.assert_close(outputs(te, unet), run["out"], atol=ATOL, rtol=0)
-
-
-@pytest.mark.parametrize("case", IDS)
-def test_lyco_loads_and_merges_lycoris_file(trained, bases, case):
-    run = trained("lycoris.kohya", case)
-    torch.testing.assert_close(
-        reload_outputs("lyco.kohya", run["path"], bases), run["out"], atol=ATOL, rtol=0
-    )
+def test_lyco_reloads_and_merges_the_file(trained, bases, case, trainer):
+    """lyco.kohya reloads (create_network_from_weights + apply_to) and merges its own file and lycoris.kohya's."""
+    run = trained(trainer, case)
+    torch.testing.assert_close(reload_outputs("lyco.kohya", run["path"], bases), run["out"], atol=ATOL, rtol=0)
     te, unet = merged_models("lyco.kohya", run["path"], bases)
     assert_plain(te, unet)
     torch.testing.assert_close(outputs(te, unet), run["out"], atol=ATOL, rtol=0)

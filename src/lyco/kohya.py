@@ -24,9 +24,8 @@ import torch
 from torch import nn
 
 from .errors import ArgumentError
-from .formats.io import read_metadata, read_tensors
 from .lycoris_config import Preset, load_preset
-from .network import ADAPTER, LycorisNetwork, Root, from_weights
+from .network import ADAPTER, LycorisNetwork, Root, from_weights, read_weights
 
 __all__ = ["LycorisNetworkKohya", "create_network", "create_network_from_weights"]
 
@@ -178,12 +177,7 @@ def create_network_from_weights(
 ) -> tuple[LycorisNetworkKohya, dict[str, torch.Tensor]]:  # fmt: skip
     """A network whose modules, methods, shapes and alphas are those of a kohya/LyCORIS file (``lora_unet_…``,
     ``lora_te_…`` / ``lora_te1_…`` keys), not yet applied: ``(network, weights)``."""
-    if weights_sd is None:
-        if file is None:
-            raise ArgumentError("create_network_from_weights needs a file or weights_sd")
-        weights, metadata = read_tensors(file, allow_pickle=allow_pickle), read_metadata(file)
-    else:
-        weights, metadata = dict(weights_sd), {}
+    weights, metadata = read_weights(file, weights_sd, allow_pickle, "create_network_from_weights")
     network = LycorisNetworkKohya(text_encoder, unet, multiplier, init_only=True)
     roots = [(prefix, te, "te") for prefix, te in _text_encoders(text_encoder)] + [(UNET_PREFIX, unet, "unet")]
     from_weights(network, roots, weights, metadata, str(file or "weights_sd"))

@@ -450,18 +450,25 @@ def from_weights(
     network._adopt(built)
 
 
+def read_weights(
+    file: str | os.PathLike | None, weights_sd: Mapping[str, torch.Tensor] | None, allow_pickle: bool, caller: str
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of ``weights_sd`` when given (no metadata), else of ``file`` (safetensors; pickles only
+    with ``allow_pickle``)."""
+    if weights_sd is not None:
+        return dict(weights_sd), {}
+    if file is None:
+        raise ArgumentError(f"{caller} needs a file or weights_sd")
+    return read_tensors(file, allow_pickle=allow_pickle), read_metadata(file)
+
+
 def create_lycoris_from_weights(
     multiplier: float, file: str | os.PathLike | None, module: nn.Module,
     weights_sd: Mapping[str, torch.Tensor] | None = None, allow_pickle: bool = False, **kwargs: Any,
 ) -> tuple[LycorisNetwork, dict[str, torch.Tensor]]:  # fmt: skip
     """lycoris-lora's ``create_lycoris_from_weights``: a network whose modules, methods, shapes and alphas are those
     of the file (or ``weights_sd``), not yet applied; returns ``(network, weights)``."""
-    if weights_sd is None:
-        if file is None:
-            raise ArgumentError("create_lycoris_from_weights needs a file or weights_sd")
-        weights, metadata = read_tensors(file, allow_pickle=allow_pickle), read_metadata(file)
-    else:
-        weights, metadata = dict(weights_sd), {}
+    weights, metadata = read_weights(file, weights_sd, allow_pickle, "create_lycoris_from_weights")
     network = LycorisNetwork(init_only=True, multiplier=multiplier)
     from_weights(network, [(network.network_preset.lora_prefix, module, "root")], weights, metadata, str(file or "weights_sd"))
     return network, weights
