@@ -169,7 +169,7 @@ def test_cli_write_errors_are_one_line(tmp_path, capsys):
 
 
 def test_cli_unexpected_errors_are_reported_as_bugs(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("lyco.tools.describe.describe", lambda *a: 1 / 0)
+    monkeypatch.setattr("lyco.tools.describe.describe", lambda *a, **k: 1 / 0)
     folder = saved(tmp_path / "a")
     assert cli.main(["inspect", str(folder)]) == cli.EXIT_INTERNAL
     err = capsys.readouterr().err
