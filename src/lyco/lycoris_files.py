@@ -21,10 +21,10 @@ from torch import nn
 from .errors import ArgumentError, FormatError
 from .formats.adapterfile import AdapterFile, ModuleAdapter
 from .formats.consumers import consumer_warnings, default_style, diffusion_model
-from .formats.fused import fuse, fused_side, split
+from .formats.fused import fuse, fused_side, split, table_for
 from .formats.keys import infer_component
 from .formats.lycoris import read_lycoris_file, resolve_adapter_file, write_lycoris_file
-from .formats.metadata import FLUX1, SDXL, base_model_metadata, base_model_version
+from .formats.metadata import SDXL, base_model_metadata, base_model_version
 from .formats.names import ModuleTable
 from .formats.peft_config import ConfigFit, fit_config
 from .formats.sgm import sgm_names
@@ -103,11 +103,12 @@ def save_lycoris(
     version = base_model_version(model.model)
     if style == "kohya" and version == SDXL:  # kohya writes SDXL's original (SGM) names
         af = af.renamed(sgm_names(name for name, _ in model.model.named_modules()))
-    if style == "kohya" and version == FLUX1 and component == "transformer":  # kohya: BFL's fused projections
-        regrouped = fuse(af, ModuleTable.from_module(model.model), base=_base_weights(model.model, af))
+    fused_table = table_for(model.model)
+    if style == "kohya" and fused_table is not None and component == "transformer":  # kohya: the original layout
+        regrouped = fuse(af, ModuleTable.from_module(model.model), fused_table, base=_base_weights(model.model, af))
         af = regrouped.adapter
         if regrouped.notes:
-            warnings.warn(f"{path}: kohya's fused Flux layout holds these modules as Full deltas (exact):\n  "
+            warnings.warn(f"{path}: kohya's fused {fused_table.name} layout holds these modules as Full deltas (exact):\n  "
                           + "\n  ".join(regrouped.notes), stacklevel=2)  # fmt: skip
     metadata = {**base_model_metadata(model.model), **(metadata or {})}  # the user's values win
     write_lycoris_file(af, path, style=style, prefix=prefix, metadata=metadata, component=component)
@@ -140,14 +141,15 @@ def _base_weights(root: nn.Module, af: AdapterFile) -> dict[str, torch.Tensor]:
 
 def _read(path: str | os.PathLike, root: nn.Module, prefix: str | None, strict: bool, allow_pickle: bool) -> AdapterFile:
     table = ModuleTable.from_module(root)
-    fused = fused_side(table)
+    fused_table = table_for(root)
+    fused = fused_side(table, fused_table) if fused_table is not None else None
     if fused is None:
         af = read_lycoris_file(path, model=table, prefix=prefix, strict=strict, allow_pickle=allow_pickle)
-    else:  # a split model (diffusers Flux): a file in the fused layout (BFL / kohya names) is split onto it
+    else:  # a split model (diffusers Flux, SD3): a file in the original fused layout (kohya names) is split onto it
         raw = read_lycoris_file(path, prefix=prefix, strict=strict, allow_pickle=allow_pickle)
         as_split, as_fused = table.resolve(raw.modules, prefix), fused.resolve(raw.modules, prefix)
         if len(as_fused.found) > len(as_split.found):
-            regrouped = split(resolve_adapter_file(raw, fused, prefix, strict, str(path)), table)
+            regrouped = split(resolve_adapter_file(raw, fused, prefix, strict, str(path)), table, fused_table)
             af = dataclasses.replace(regrouped.adapter, resolved=True)
             if regrouped.notes:
                 warnings.warn(f"{path}: split onto the model as Full deltas (exact):\n  " + "\n  ".join(regrouped.notes),

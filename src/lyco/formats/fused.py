@@ -1,12 +1,15 @@
 """Fused ↔ split projections: adapters of a model with split layers (diffusers) as adapters of the same model with
-fused ones (the original checkpoint: BFL's Flux, which kohya sd-scripts trains on), and back.
+fused ones (the original checkpoint, which kohya sd-scripts trains on: BFL's Flux.1 — :data:`FLUX1` —, Stability's
+MMDiT of SD3 / SD3.5 — :data:`SD3`), and back.
 
 A :class:`FusedTable` is data: per fused module (a path template, ``{i}`` for a block index), the ordered
 :class:`Part` s of split modules whose output rows it stacks — a whole module, or the ``k``-th of ``n`` equal row
 chunks of one (Flux's ``final_layer.adaLN_modulation.1`` is ``norm_out.linear`` with its two halves swapped: BFL
 orders them shift, scale; diffusers scale, shift). Row counts come from the model's own weight shapes
-(:func:`resolve`), never from the table. A one-part module that keeps its rows in order is a pure rename
-(:func:`fused_name` / :func:`split_name`).
+(:func:`resolve`), never from the table. A fusion may hold only in the blocks that have (``only_with``) or lack
+(``only_without``) some split module: SD3's last joint block, whose context stream stops after its attention
+(no ``attn.to_add_out``), has a two-chunk context adaLN with swapped halves. An unconditional one-part module
+that keeps its rows in order is a pure rename (:func:`fused_name` / :func:`split_name`).
 
 :func:`fuse` and :func:`split` rebuild every module with exactly the same ``ΔW`` rows through the methods' hooks
 (:meth:`~lyco.methods.schema.MethodSchema.take_rows` / :meth:`~lyco.methods.schema.MethodSchema.stack_rows`).
@@ -33,11 +36,12 @@ from ..methods.registry import all_methods
 from ..methods.schema import DORA, MethodSchema, RowPart, Shape
 from ..ops.rows import is_identity, is_permutation
 from .adapterfile import AdapterFile, ModuleAdapter
+from .keys import model_components
 from .names import ModuleTable
 
 __all__ = [
-    "FLUX1", "FusedLayout", "FusedTable", "Fusion", "Group", "Part", "Regrouped", "Segment", "fuse", "fused_name",
-    "fused_side", "resolve", "split", "split_name",
+    "FLUX1", "SD3", "FusedLayout", "FusedTable", "Fusion", "Group", "Part", "Regrouped", "Segment", "fuse",
+    "fused_name", "fused_side", "resolve", "split", "split_name",
 ]  # fmt: skip
 
 
@@ -52,10 +56,14 @@ class Part:
 
 @dataclass(frozen=True)
 class Fusion:
-    """One fused module (``fused``: its path template) and the parts its output rows stack, in order."""
+    """One fused module (``fused``: its path template) and the parts its output rows stack, in order; with
+    ``only_with`` / ``only_without`` (split-side path templates) only in the blocks whose model has / lacks that
+    module (a table gives each such module two fusions, one of each)."""
 
     fused: str
     parts: tuple[Part, ...]
+    only_with: str | None = None
+    only_without: str | None = None
 
 
 @dataclass(frozen=True)
@@ -116,13 +124,55 @@ FLUX1 = FusedTable("Flux.1", (
 ))  # fmt: skip
 
 
+def _joint(mmdit: str, *diffusers: str) -> Fusion:
+    return _whole(f"joint_blocks.{{i}}.{mmdit}", *(f"transformer_blocks.{{i}}.{d}" for d in diffusers))
+
+
+# SD3's last joint block (diffusers' context_pre_only) ends its context stream at the attention: no attn.to_add_out
+# nor ff_context, and its context adaLN (AdaLayerNormContinuous: scale, shift) has 2 chunks, MMDiT's shift, scale.
+_CONTEXT_OUT = "transformer_blocks.{i}.attn.to_add_out"
+_CONTEXT_MOD = "transformer_blocks.{i}.norm1_context.linear"
+
+# SD3 / SD3.5 (diffusers SD3Transformer2DModel ↔ Stability's MMDiT, which kohya sd-scripts trains and names
+# lora_unet_<path>), as diffusers' converter maps it (single_file_utils.convert_sd3_transformer_checkpoint_to_…);
+# attn2: SD3.5's dual attention blocks. The qk-norms (ln_q / ln_k ↔ norm_q / norm_k …) hold no Linear.
+SD3 = FusedTable("SD3", (
+    _joint("x_block.attn.qkv", "attn.to_q", "attn.to_k", "attn.to_v"),
+    _joint("context_block.attn.qkv", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    _joint("x_block.attn.proj", "attn.to_out.0"),
+    _joint("context_block.attn.proj", "attn.to_add_out"),
+    _joint("x_block.attn2.qkv", "attn2.to_q", "attn2.to_k", "attn2.to_v"),
+    _joint("x_block.attn2.proj", "attn2.to_out.0"),
+    _joint("x_block.mlp.fc1", "ff.net.0.proj"),
+    _joint("x_block.mlp.fc2", "ff.net.2"),
+    _joint("context_block.mlp.fc1", "ff_context.net.0.proj"),
+    _joint("context_block.mlp.fc2", "ff_context.net.2"),
+    _joint("x_block.adaLN_modulation.1", "norm1.linear"),
+    Fusion("joint_blocks.{i}.context_block.adaLN_modulation.1", (Part(_CONTEXT_MOD),), only_with=_CONTEXT_OUT),
+    Fusion("joint_blocks.{i}.context_block.adaLN_modulation.1", (Part(_CONTEXT_MOD, (1, 2)), Part(_CONTEXT_MOD, (0, 2))),
+           only_without=_CONTEXT_OUT),
+    _whole("x_embedder.proj", "pos_embed.proj"),
+    _whole("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1"),
+    _whole("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2"),
+    _whole("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1"),
+    _whole("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"),
+    _whole("context_embedder", "context_embedder"),
+    Fusion("final_layer.adaLN_modulation.1", (Part("norm_out.linear", (1, 2)), Part("norm_out.linear", (0, 2)))),
+    _whole("final_layer.linear", "proj_out"),
+))  # fmt: skip
+
+
 def _pattern(template: str) -> re.Pattern[str]:
     return re.compile(re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)"))
 
 
 def _renames(table: FusedTable) -> list[tuple[str, str]]:
-    """``(split template, fused template)`` of the one-part modules that keep their rows in order."""
-    return [(f.parts[0].path, f.fused) for f in table.fusions if len(f.parts) == 1 and f.parts[0].chunk == (0, 1)]
+    """``(split template, fused template)`` of the unconditional one-part modules that keep their rows in order."""
+    return [
+        (f.parts[0].path, f.fused)
+        for f in table.fusions
+        if len(f.parts) == 1 and f.parts[0].chunk == (0, 1) and f.only_with is None and f.only_without is None
+    ]
 
 
 def _rename(path: str, pairs: list[tuple[str, str]]) -> str | None:
@@ -136,7 +186,7 @@ def _rename(path: str, pairs: list[tuple[str, str]]) -> str | None:
 def fused_name(path: str, table: FusedTable = FLUX1) -> str | None:
     """The fused-side path of a split-side module that maps 1:1 with its rows in order
     (``transformer_blocks.3.attn.to_out.0`` → ``double_blocks.3.img_attn.proj``); ``None`` for any other (a part
-    of a fused module or one whose rows move: use :func:`fuse`)."""
+    of a fused module, one whose rows move or whose mapping depends on the block: use :func:`fuse`)."""
     return _rename(path, _renames(table))
 
 
@@ -200,16 +250,21 @@ class FusedLayout:
 
 def resolve(table: FusedTable, shapes: ModuleTable | Mapping[str, Shape]) -> FusedLayout:
     """The layout of ``table`` on a model whose split-side modules have weight ``shapes`` (module path → ``(out,
-    in, *k)``, e.g. ``ModuleTable.from_module(model)``). Fusions whose modules the model lacks are left out;
-    :class:`ShapeMismatchError` when a fused module's parts disagree on the input shape or a chunk does not
-    divide its module's rows."""
+    in, *k)``, e.g. ``ModuleTable.from_module(model)``). Fusions whose modules the model lacks, or whose
+    ``only_with`` / ``only_without`` condition fails, are left out; :class:`ShapeMismatchError` when a fused
+    module's parts disagree on the input shape or a chunk does not divide its module's rows, :class:`FormatError`
+    when the table maps a module twice on this model."""
     shapes = shapes.shapes if isinstance(shapes, ModuleTable) else shapes
-    groups = []
+    groups: list[Group] = []
     for f in table.fusions:
         first = _pattern(f.parts[0].path)
         indices = sorted({m.groupdict().get("i") for p in shapes if (m := first.fullmatch(p))}, key=lambda i: int(i or 0))
         for i in indices:
             fill = {"i": i} if i is not None else {}
+            if f.only_with is not None and f.only_with.format(**fill) not in shapes:
+                continue
+            if f.only_without is not None and f.only_without.format(**fill) in shapes:
+                continue
             segments, own = [], {}
             for part in f.parts:
                 path = part.path.format(**fill)
@@ -226,6 +281,16 @@ def resolve(table: FusedTable, shapes: ModuleTable | Mapping[str, Shape]) -> Fus
             if len({s[1:] for s in own.values()}) > 1:
                 raise ShapeMismatchError(f"{table.name}: the parts of {fused} have different inputs: {own}")
             groups.append(Group(fused, tuple(segments), own))
+    fused_seen: set[str] = set()
+    split_seen: dict[str, str] = {}
+    for g in groups:
+        if g.fused in fused_seen:
+            raise FormatError(f"{table.name} table: two fusions make {g.fused} on this model")
+        fused_seen.add(g.fused)
+        for path in g.paths:
+            if path in split_seen:
+                raise FormatError(f"{table.name} table: {path} is in both {split_seen[path]} and {g.fused}")
+            split_seen[path] = g.fused
     return FusedLayout(table, tuple(groups))
 
 
@@ -444,6 +509,16 @@ def _span(rows: torch.Tensor) -> str:
     lo, hi = int(rows.min()), int(rows.max()) + 1
     return f"{lo}:{hi}" if hi - lo == rows.numel() and is_identity(rows - lo, rows.numel()) else f"({rows.numel()} rows)"
 
+
+
+# The fused layout of each model family whose original checkpoints (and kohya sd-scripts) fuse projections.
+TABLES: dict[str, FusedTable] = {"FluxTransformer2DModel": FLUX1, "SD3Transformer2DModel": SD3}
+
+
+def table_for(model: object) -> FusedTable | None:
+    """The :class:`FusedTable` of ``model``'s family (the model, or its ``transformer``), ``None`` for the others.
+    Chosen by the model's class: the tables partly match each other's models."""
+    return next((TABLES[type(m).__name__] for m in model_components(model) if type(m).__name__ in TABLES), None)
 
 
 def fused_side(table: ModuleTable, fused: FusedTable = FLUX1) -> ModuleTable | None:
