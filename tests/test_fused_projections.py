@@ -395,3 +395,19 @@ def test_kohya_style_of_a_flux_model_is_bfls_fused_layout_and_reloads(case, tmp_
     assert {n for n, _ in loaded.adapted_layers()} == set(LINEARS)
     assert (run(model) - run(BASE)).abs().max() > 1e-4
     torch.testing.assert_close(run(loaded), run(model), atol=1e-5, rtol=0)
+
+
+def test_cli_convert_to_kohya_with_a_flux_config_writes_the_fused_layout(tmp_path, capsys):
+    """``lyco convert DIR OUT --style kohya --base config.json`` of a Flux.1 transformer fuses as save_lycoris does,
+    and the file splits back onto the diffusers model exactly."""
+    from lyco import cli
+
+    model, _ = lyco_file(CASES["lora"][0])
+    model.save_pretrained(tmp_path / "peft")
+    BASE.save_config(tmp_path / "flux")
+    out = tmp_path / "k.safetensors"
+    assert cli.main(["convert", str(tmp_path / "peft"), str(out), "--style", "kohya",
+                     "--base", str(tmp_path / "flux" / "config.json")]) == 0  # fmt: skip
+    assert "original layout for FluxTransformer2DModel" in capsys.readouterr().out
+    loaded = lyco.load_lycoris(copy.deepcopy(BASE), out)
+    torch.testing.assert_close(run(loaded), run(model), atol=1e-5, rtol=0)

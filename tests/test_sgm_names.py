@@ -138,3 +138,22 @@ def test_inspect_report_of_sdxl_files_matches_the_automatic1111_run(tmp_path):
         "lora_unet_add_embedding_linear_1", "lora_unet_add_embedding_linear_2", "lora_unet_up_blocks_0_upsamplers_0_conv"]  # fmt: skip
     assert old["AUTOMATIC1111/Forge"].applied == 120
     assert old["kohya sd-scripts / lycoris-lora"].applied == 0
+
+
+def test_cli_convert_to_kohya_with_a_diffusers_config_writes_sgm_names(tmp_path, capsys):
+    """``lyco convert DIR OUT --style kohya --base config.json`` of an SDXL UNet writes sd-scripts' SGM names too."""
+    from lyco import cli
+
+    base = tiny_sdxl()
+    base.save_config(tmp_path / "unet")  # config.json only: the base is built on the meta device
+    model = lyco.get_model(copy.deepcopy(base), CONFIGS["lora"](leaves(base)))
+    model.save_pretrained(tmp_path / "peft")
+    out = tmp_path / "k.safetensors"
+    assert cli.main(["convert", str(tmp_path / "peft"), str(out), "--style", "kohya",
+                     "--base", str(tmp_path / "unet" / "config.json")]) == 0  # fmt: skip
+    said = capsys.readouterr().out
+    assert "in kohya's original layout for UNet2DConditionModel" in said and "difference 0.0e+00" in said
+    stems = {k.split(".")[0] for k in load_file(out)}
+    assert "lora_unet_label_emb_0_0" in stems and not any("down_blocks" in s for s in stems)
+    loaded = lyco.load_lycoris(copy.deepcopy(base), out)
+    torch.testing.assert_close(run(loaded), run(model), atol=ATOL, rtol=0)

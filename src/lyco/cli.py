@@ -194,17 +194,29 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
+    from .formats.keys import infer_component
+    from .formats.lycoris import kohya_layout
     from .formats.metadata import without_derived_args
     from .tools.base_weights import index_base
     from .tools.convert import compare_adapters, prepare
 
-    af = prepare(_read(args.src, args), index_base(args.base) if args.base else None, target_format(args.dst, args.to))
+    base = index_base(args.base) if args.base else None
+    af = prepare(_read(args.src, args), base, target_format(args.dst, args.to))
     written = af
     if args.consumer_safe:  # the same ΔW in layouts the checked consumers apply; layout args derived anew
         written = dataclasses.replace(af.in_consumer_layout(), metadata=without_derived_args(af.metadata, af))
+    layout = ""
+    if args.style == "kohya" and base is not None and base.model is not None and written.resolved:
+        # a diffusers config as --base: the names / fused layout sd-scripts writes for its family (SDXL, Flux.1, SD3)
+        regrouped = kohya_layout(written, base.model, infer_component(base.model, list(written.modules)))
+        if regrouped.adapter.modules.keys() != written.modules.keys():
+            layout = f"; in kohya's original layout for {type(base.model).__name__}"
+        for note in regrouped.notes:
+            print(f"lyco convert: note: {note}", file=sys.stderr)
+        written = regrouped.adapter
     out = write_adapter(written, args.dst, to=args.to, style=args.style, prefix=args.prefix)
-    worst, n = compare_adapters(af, read_adapter(out, allow_pickle=False))
-    print(f"wrote {out} ({target_format(out, args.to)}): {n} module(s), max relative ΔW difference {worst:.1e}")
+    worst, n = compare_adapters(written, read_adapter(out, allow_pickle=False))
+    print(f"wrote {out} ({target_format(out, args.to)}): {n} module(s), max relative ΔW difference {worst:.1e}{layout}")
     if worst >= 1e-5:
         print(f"lyco convert: error: the written adapter's ΔW differs from the source's ({worst:.1e})", file=sys.stderr)
         return 1

@@ -21,13 +21,12 @@ from torch import nn
 from .errors import ArgumentError, FormatError
 from .formats.adapterfile import AdapterFile, ModuleAdapter
 from .formats.consumers import consumer_warnings, default_style, diffusion_model
-from .formats.fused import fuse, fused_side, split, table_for
+from .formats.fused import fused_side, split, table_for
 from .formats.keys import infer_component
-from .formats.lycoris import read_lycoris_file, resolve_adapter_file, write_lycoris_file
-from .formats.metadata import SDXL, base_model_metadata, base_model_version
+from .formats.lycoris import kohya_layout, read_lycoris_file, resolve_adapter_file, write_lycoris_file
+from .formats.metadata import base_model_metadata
 from .formats.names import ModuleTable
 from .formats.peft_config import ConfigFit, fit_config
-from .formats.sgm import sgm_names
 from .layer import AdaptedLayer
 from .methods.config import config_parts
 from .model import LycoModel
@@ -100,16 +99,11 @@ def save_lycoris(
     if consumer_safe:  # the same ΔW in layouts that no checked consumer mishandles
         af = af.in_consumer_layout()
     component = infer_component(model.model, list(af.modules))
-    version = base_model_version(model.model)
-    if style == "kohya" and version == SDXL:  # kohya writes SDXL's original (SGM) names
-        af = af.renamed(sgm_names(name for name, _ in model.model.named_modules()))
-    fused_table = table_for(model.model)
-    if style == "kohya" and fused_table is not None and component == "transformer":  # kohya: the original layout
-        regrouped = fuse(af, ModuleTable.from_module(model.model), fused_table, base=_base_weights(model.model, af))
-        af = regrouped.adapter
-        if regrouped.notes:
-            warnings.warn(f"{path}: kohya's fused {fused_table.name} layout holds these modules as Full deltas (exact):\n  "
-                          + "\n  ".join(regrouped.notes), stacklevel=2)  # fmt: skip
+    if style == "kohya":  # the names and layout sd-scripts writes for the family (SDXL: SGM; Flux.1 / SD3: fused)
+        af, notes = kohya_layout(af, model.model, component, base=_base_weights(model.model, af))
+        if notes:
+            warnings.warn(f"{path}: kohya's original layout holds these modules as Full deltas (exact):\n  "
+                          + "\n  ".join(notes), stacklevel=2)  # fmt: skip
     metadata = {**base_model_metadata(model.model), **(metadata or {})}  # the user's values win
     write_lycoris_file(af, path, style=style, prefix=prefix, metadata=metadata, component=component)
     if diffusion_model(model.model) and (notes := consumer_warnings(af, style)):

@@ -25,10 +25,12 @@ from ..errors import FormatError
 from ..methods.config import pattern_value
 from ..methods.registry import file_keys
 from .adapterfile import AdapterFile, ModuleAdapter
+from .fused import Regrouped, fuse, table_for
 from .io import PICKLE_SUFFIXES, as_path, read_metadata, read_tensors, warn_nonfinite, write_tensors
 from .keys import EXTRA_KEYS, UNSUPPORTED_KEYS, infer_component, match_convention, module_keys, split_key
-from .metadata import file_metadata
+from .metadata import SDXL, base_model_version, file_metadata
 from .names import ModuleTable
+from .sgm import sgm_names
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -285,3 +287,18 @@ def write_lycoris_file(
         raise FormatError(f"{path}: the adapter has no modules to write")
     tensors = lycoris_state_dict(af, style=style, prefix=prefix, component=component)
     write_tensors(path, tensors, file_metadata(af, metadata))
+
+
+def kohya_layout(
+    af: AdapterFile, model: nn.Module, component: str, base: dict[str, torch.Tensor] | None = None
+) -> Regrouped:
+    """``af`` (keyed by ``model``'s module paths) in the layout kohya sd-scripts writes for ``model``'s family: SDXL's
+    original SGM names (:mod:`lyco.formats.sgm`), Flux.1's / SD3's fused original layouts
+    (:func:`lyco.formats.fused.fuse`, ``component`` ``"transformer"``; ``base``: the base weights an input-axis DoRA
+    cut needs), else unchanged. The notes name the modules written as Full deltas."""
+    if base_model_version(model) == SDXL:
+        return Regrouped(af.renamed(sgm_names(name for name, _ in model.named_modules())), [])
+    table = table_for(model)
+    if table is not None and component == "transformer":
+        return fuse(af, ModuleTable.from_module(model), table, base=base)
+    return Regrouped(af, [])

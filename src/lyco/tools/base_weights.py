@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,6 +33,7 @@ class BaseIndex:
     weights: dict[str, tuple[int, ...]]
     files: dict[str, Path]
     source: str
+    model: Any = None  # the model a config.json built (on the meta device), for family-specific file layouts
 
     def table(self) -> ModuleTable:
         """The base's modules as a :class:`~lyco.formats.names.ModuleTable` (stored weight shapes)."""
@@ -94,7 +96,7 @@ def _index_config(path: Path) -> BaseIndex:
     weights = {
         name[: -len(WEIGHT)]: tuple(t.shape) for name, t in model.state_dict().items() if name.endswith(WEIGHT)
     }
-    return BaseIndex(weights, {}, str(path))
+    return BaseIndex(weights, {}, str(path), model)
 
 
 def resolve_names(names: Iterable[str], modules: Iterable[str], source: str = "base") -> dict[str, str]:
