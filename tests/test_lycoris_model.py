@@ -87,3 +87,13 @@ def test_lycoris_model_errors():
     with pytest.raises(lyco.ConfigError, match="factor"):
         lyco.lycoris_model(base, {"algo": "lokr", "factor": "x", "apply_preset": {"target_module": ["Net"]}})
     assert set(base.state_dict()) == before  # untouched: no wrapped layer
+
+
+def test_conv_dim_zero_means_the_linear_dim_as_in_lycoris():
+    """lycoris-lora reads conv_dim 0 (kohya passes "0") as "the linear dim"; convs are left out by enable_conv only."""
+    from lyco.lycoris_config import LycorisOptions
+
+    for value in (0, "0", None):
+        options = LycorisOptions.from_kwargs(8, 4, {"conv_dim": value, "conv_alpha": value})
+        assert (options.conv_dim, options.conv_alpha) == (8, 4.0)
+    assert LycorisOptions.from_kwargs("8", "4", {"conv_dim": "2"}).conv_dim == 2

@@ -285,8 +285,9 @@ class LycorisOptions:
         _method(algo, source)
         dim = _number(4 if linear_dim is None else linear_dim, f"{source}: linear_dim", int)
         alpha = _number(1 if linear_alpha is None else linear_alpha, f"{source}: linear_alpha")
-        conv_dim = _number(kwargs.get("conv_dim") or dim, f"{source}: conv_dim", int)
-        conv_alpha = _number(kwargs.get("conv_alpha") or alpha, f"{source}: conv_alpha")
+        # LyCORIS: a conv_dim / conv_alpha of 0 (or none) means the linear one (enable_conv=False leaves convs out)
+        conv_dim = _number(kwargs.get("conv_dim") or 0, f"{source}: conv_dim", int) or dim
+        conv_alpha = _number(kwargs.get("conv_alpha") or 0, f"{source}: conv_alpha") or alpha
         if min(dim, conv_dim) < 0:
             raise ConfigError(f"{source}: linear_dim and conv_dim must be ≥ 0 (0 leaves those layers out)")
         module = {**_MODULE_DEFAULTS, **module_options(kwargs, source)}
