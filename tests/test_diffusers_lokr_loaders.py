@@ -244,8 +244,9 @@ def test_lyco_diffusers_style_file_loads_in_diffusers(arch, route, tmp_path):
     torch.testing.assert_close(ARCHS[arch].run(loaded), out, atol=ATOL, rtol=0)
 
 
-BFL = ("lyco cannot write Flux.2 BFL names (double_blocks.N.img_attn.qkv, single_blocks.N.linear1 …) yet "
-       "(issue 14: fused↔split projections); under diffusion_model. / base_model.model. diffusers expects them")  # fmt: skip
+BFL = ("lyco's diffusers / peft styles keep diffusers' split names, and under diffusion_model. / base_model.model. "
+       "diffusers reads Flux.2 keys as BFL names (double_blocks.N.img_attn.qkv …): lyco writes BFL's layout only in "
+       "style kohya (tests/test_fused_flux2.py), and diffusers' BFL adapter route swaps final_layer's halves wrongly")  # fmt: skip
 
 
 @pytest.mark.xfail(strict=True, reason=BFL, raises=ValueError)

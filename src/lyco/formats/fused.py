@@ -1,6 +1,6 @@
 """Fused ↔ split projections: adapters of a model with split layers (diffusers) as adapters of the same model with
-fused ones (the original checkpoint, which kohya sd-scripts trains on: BFL's Flux.1 — :data:`FLUX1` —, Stability's
-MMDiT of SD3 / SD3.5 — :data:`SD3`), and back.
+fused ones (the original checkpoint, which kohya sd-scripts trains on: BFL's Flux.1 — :data:`FLUX1` — and Flux.2
+— :data:`FLUX2` —, Stability's MMDiT of SD3 / SD3.5 — :data:`SD3`), and back.
 
 A :class:`FusedTable` is data: per fused module (a path template, ``{i}`` for a block index), the ordered
 :class:`Part` s of split modules whose output rows it stacks — a whole module, or the ``k``-th of ``n`` equal row
@@ -40,7 +40,7 @@ from .keys import model_components
 from .names import ModuleTable
 
 __all__ = [
-    "FLUX1", "SD3", "FusedLayout", "FusedTable", "Fusion", "Group", "Part", "Regrouped", "Segment", "fuse",
+    "FLUX1", "FLUX2", "SD3", "FusedLayout", "FusedTable", "Fusion", "Group", "Part", "Regrouped", "Segment", "fuse",
     "fused_name", "fused_side", "resolve", "split", "split_name",
 ]  # fmt: skip
 
@@ -157,6 +157,51 @@ SD3 = FusedTable("SD3", (
     _whole("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1"),
     _whole("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"),
     _whole("context_embedder", "context_embedder"),
+    Fusion("final_layer.adaLN_modulation.1", (Part("norm_out.linear", (1, 2)), Part("norm_out.linear", (0, 2)))),
+    _whole("final_layer.linear", "proj_out"),
+))  # fmt: skip
+
+
+# Flux.2's double blocks as diffusers builds them (separate to_q / to_k / to_v …), or after the model's
+# fuse_qkv_projections(), which adds to_qkv / to_added_qkv (the BFL rows in BFL order) and leaves the separate
+# projections in place, unused: such a block maps the fused ones by name and holds no adapter of the separate ones.
+_QKV = "transformer_blocks.{i}.attn.to_qkv"
+_ADDED_QKV = "transformer_blocks.{i}.attn.to_added_qkv"
+
+
+def _qkv(bfl: str, fused: str, *separate: str) -> tuple[Fusion, Fusion]:
+    parts = tuple(Part(f"transformer_blocks.{{i}}.attn.{s}") for s in separate)
+    at = f"double_blocks.{{i}}.{bfl}"
+    return Fusion(at, parts, only_without=fused), Fusion(at, (Part(fused),), only_with=fused)
+
+
+# Flux.2 (diffusers Flux2Transformer2DModel ↔ BFL's checkpoints), as diffusers' converter maps it
+# (single_file_utils.convert_flux2_transformer_checkpoint_to_diffusers; its BFL adapter converters in
+# lora_conversion_utils agree but for the final adaLN, which they rename without the swap, or drop). The modulations are
+# shared by all blocks (outside them, no per-block norm1.linear); ff / ff_context.linear_in (SwiGLU: gate rows,
+# then up) and the single blocks' to_qkv_mlp_proj (q, k, v, MLP gate, MLP up: BFL's linear1) are one Linear on
+# both sides, so everything but the double blocks' q, k, v and the final adaLN (shift, scale → scale, shift) is
+# a rename. Bias-free throughout; the qk-norms (query_norm / key_norm .scale ↔ norm_q / norm_k …) hold no Linear.
+FLUX2 = FusedTable("Flux.2", (
+    *_qkv("img_attn.qkv", _QKV, "to_q", "to_k", "to_v"),
+    *_qkv("txt_attn.qkv", _ADDED_QKV, "add_q_proj", "add_k_proj", "add_v_proj"),
+    _double("img_attn.proj", "attn.to_out.0"),
+    _double("txt_attn.proj", "attn.to_add_out"),
+    _double("img_mlp.0", "ff.linear_in"),
+    _double("img_mlp.2", "ff.linear_out"),
+    _double("txt_mlp.0", "ff_context.linear_in"),
+    _double("txt_mlp.2", "ff_context.linear_out"),
+    _single("linear1", "attn.to_qkv_mlp_proj"),
+    _single("linear2", "attn.to_out"),
+    _whole("double_stream_modulation_img.lin", "double_stream_modulation_img.linear"),
+    _whole("double_stream_modulation_txt.lin", "double_stream_modulation_txt.linear"),
+    _whole("single_stream_modulation.lin", "single_stream_modulation.linear"),
+    _whole("img_in", "x_embedder"),
+    _whole("txt_in", "context_embedder"),
+    _whole("time_in.in_layer", "time_guidance_embed.timestep_embedder.linear_1"),
+    _whole("time_in.out_layer", "time_guidance_embed.timestep_embedder.linear_2"),
+    _whole("guidance_in.in_layer", "time_guidance_embed.guidance_embedder.linear_1"),
+    _whole("guidance_in.out_layer", "time_guidance_embed.guidance_embedder.linear_2"),
     Fusion("final_layer.adaLN_modulation.1", (Part("norm_out.linear", (1, 2)), Part("norm_out.linear", (0, 2)))),
     _whole("final_layer.linear", "proj_out"),
 ))  # fmt: skip
@@ -512,7 +557,9 @@ def _span(rows: torch.Tensor) -> str:
 
 
 # The fused layout of each model family whose original checkpoints (and kohya sd-scripts) fuse projections.
-TABLES: dict[str, FusedTable] = {"FluxTransformer2DModel": FLUX1, "SD3Transformer2DModel": SD3}
+TABLES: dict[str, FusedTable] = {
+    "FluxTransformer2DModel": FLUX1, "SD3Transformer2DModel": SD3, "Flux2Transformer2DModel": FLUX2,
+}  # fmt: skip
 
 
 def table_for(model: object) -> FusedTable | None:
