@@ -286,3 +286,15 @@ def hada_delta_naive(hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b, hada_t1=None, h
     r1 = torch.einsum("ij...,jr,ip->pr...", hada_t1, hada_w1_b, hada_w1_a)
     r2 = torch.einsum("ij...,jr,ip->pr...", hada_t2, hada_w2_b, hada_w2_a)
     return r1 * r2
+
+
+def assert_split_reverses(fused, af, shapes, table, algo: str, atol: float) -> None:
+    """``split(fused)`` (:mod:`lyco.formats.fused`) gives back ``af``'s modules: the same names, method and ``ΔW``
+    (``atol``), with no module written dense."""
+    from lyco.formats.fused import split
+
+    back, notes = split(fused, shapes, table)
+    assert not notes and sorted(back.modules) == sorted(af.modules)
+    for path, m in back.modules.items():
+        assert m.algo == algo
+        assert torch.allclose(m.delta_weight(), af.modules[path].delta_weight(), atol=atol, rtol=0), path

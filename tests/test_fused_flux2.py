@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lyco
+from conftest import assert_split_reverses
 from lyco.formats.fused import (
     FLUX2,
     TABLES,
@@ -254,11 +255,7 @@ def test_fuse_is_exact_and_split_reverses_it(make, variant):
     for path in targets:
         assert torch.allclose(theirs[f"{path}.weight"], af.modules[path].delta_weight(), atol=EXACT, rtol=0), path
 
-    back, notes_back = split(fused, shapes, FLUX2)
-    assert not notes_back and sorted(back.modules) == sorted(af.modules)
-    for path, m in back.modules.items():
-        assert m.algo == algo
-        assert torch.allclose(m.delta_weight(), af.modules[path].delta_weight(), atol=EXACT, rtol=0), path
+    assert_split_reverses(fused, af, shapes, FLUX2, algo, EXACT)
 
 
 def test_lokr_fuses_as_lokr_on_a_fused_model_and_dense_only_where_q_k_v_stack():

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 import lyco
-from lyco.formats.fused import SD3, Fusion, Part, fuse, fused_name, fused_side, resolve, split, split_name
+from conftest import assert_split_reverses
+from lyco.formats.fused import SD3, Fusion, Part, fuse, fused_name, fused_side, resolve, split_name
 from lyco.formats.names import ModuleTable
 from lyco.lycoris_files import adapter_file
 
@@ -178,11 +179,7 @@ def test_fuse_is_exact_and_split_reverses_it(make, variant):
         want = af.modules[path].delta_weight()
         assert torch.allclose(theirs[f"{path}.weight"], want, atol=EXACT, rtol=0), path
 
-    back, notes_back = split(fused, shapes, SD3)
-    assert not notes_back and sorted(back.modules) == sorted(af.modules)
-    for path, m in back.modules.items():
-        assert m.algo == algo
-        assert torch.allclose(m.delta_weight(), af.modules[path].delta_weight(), atol=EXACT, rtol=0), path
+    assert_split_reverses(fused, af, shapes, SD3, algo, EXACT)
 
 
 def test_a_table_mapping_a_module_twice_is_refused():
