@@ -309,6 +309,22 @@ def test_load_weights_into_created_network(trained, bases, preset_file, case, so
     torch.testing.assert_close(outputs(te, unet), run["out"], atol=ATOL, rtol=0)
 
 
+def test_weights_loaded_before_a_unet_only_apply_to_stay(trained, bases, preset_file):
+    """``load_weights`` of a text-encoder + UNet file, then ``apply_to(..., apply_text_encoder=False)``: the UNet
+    adapters keep the file's weights (nothing is loaded a second time, so the dropped text-encoder keys are no error)."""
+    run = trained("lyco.kohya", "lora")
+    te, unet = fresh(bases)
+    network = MODULES["lyco.kohya"].create_network(1.0, DIM, ALPHA, None, te, unet, preset=preset_file, **dict(c[:2] for c in CASES)["lora"])
+    assert not network.load_weights(str(run["path"]))
+    network.apply_to(te, unet, False, True)
+    assert not any(k.startswith("lora_te") for k in network.state_dict())
+    ref_te, ref_unet = fresh(bases)
+    reference = MODULES["lyco.kohya"].create_network_from_weights(1.0, str(run["path"]), None, ref_te, ref_unet)[0]
+    reference.apply_to(ref_te, ref_unet, False, True)
+    torch.testing.assert_close(outputs(te, unet), outputs(ref_te, ref_unet), atol=ATOL, rtol=0)
+    assert (outputs(te, unet) - outputs(*fresh(bases))).abs().max() > MOVED
+
+
 @pytest.mark.parametrize(
     "case", [pytest.param(c[0], marks=_xfail(c[2])) for c in CASES], ids=IDS
 )  # fmt: skip

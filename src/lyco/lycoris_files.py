@@ -82,7 +82,7 @@ def save_lycoris(
     """Save one adapter of ``model`` as a LyCORIS/kohya file (see :func:`lyco.formats.write_lycoris_file`
     for ``style``). Default style: what the model family's consumers read (:func:`lyco.formats.consumers.default_style`:
     ``kohya`` for diffusers models — ComfyUI, AUTOMATIC1111/Forge, sd-scripts, diffusers all map it; SDXL UNets get
-    kohya's original SGM names — else ``lycoris``).
+    kohya's original SGM names, Flux.1 / Flux.2 / SD3 its fused original layouts — else ``lycoris``).
 
     A LoKr module with both factors full and ``alpha ≠ r`` is written with ``alpha / r`` folded into
     ``lokr_w1`` (files apply scale 1 there), so every reader computes the same output. For a diffusers
@@ -99,7 +99,7 @@ def save_lycoris(
     if consumer_safe:  # the same ΔW in layouts that no checked consumer mishandles
         af = af.in_consumer_layout()
     component = infer_component(model.model, list(af.modules))
-    if style == "kohya":  # the names and layout sd-scripts writes for the family (SDXL: SGM; Flux.1 / SD3: fused)
+    if style == "kohya":  # the names and layout sd-scripts writes for the family (SDXL: SGM; Flux.1, Flux.2, SD3: fused)
         af, notes = kohya_layout(af, model.model, component, base=_base_weights(model.model, af))
         if notes:
             warnings.warn(f"{path}: kohya's original layout holds these modules as Full deltas (exact):\n  "

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .errors import ArgumentError, ConfigError, FormatError, MergeError, StateError
+from .formats.adapterfile import AdapterFile
 from .formats.io import read_metadata, read_tensors, write_tensors
 from .formats.lycoris import lycoris_state_dict, parse_state_dict, resolve_adapter_file
 from .formats.metadata import NETWORK_MODULE, base_model_metadata
@@ -202,14 +203,12 @@ class LycorisNetwork(nn.Module):
                 yield root, path, layer
 
     def apply_to(self) -> None:
-        """Put the wrapped layers into the model(s) (the adapters then act in every forward); weights given to
-        :meth:`load_weights` before are loaded."""
+        """Put the wrapped layers into the model(s) (the adapters then act in every forward). Weights given to
+        :meth:`load_weights` before are already in the adapters (lycoris-lora loads them again here)."""
         if self.merged:
             raise StateError("this network was merged into the model (merge_to); create a new one to apply")
         for root in self.roots:
             root.install(True)
-        if self.weights_sd:
-            self.load_state_dict(self.weights_sd)
 
     def restore(self) -> None:
         """Take the wrapped layers out again: the model's own modules, unchanged, are back in place."""
@@ -317,18 +316,14 @@ class LycorisNetwork(nn.Module):
         pending: list[tuple[Root, dict[str, torch.Tensor], Any]] = []
         claimed: set[str] = set()
         for root in self.roots:
-            own = {k: v for k, v in tensors.items() if k.startswith(f"{root.prefix}_")}
+            own, af = root_file(tensors, {}, root.prefix, root.module, source, strict=True)
             claimed |= set(own)
-            af = resolve_adapter_file(
-                parse_state_dict(own, {}, source, prefix=f"{root.prefix}_"), ModuleTable.from_module(root.module),
-                prefix=f"{root.prefix}_", source=source,
-            )  # fmt: skip
             for path, m in af.modules.items():
                 layer = root.layers.get(path)
                 if layer is None:
                     raise FormatError(f"{source}: {root.names.get(path, path)!r} is not a module of this network")
                 adapter = layer.lyco_adapters[ADAPTER]
-                scale = 1.0 if m.unranked else (m.alpha if m.alpha is not None else float(m.rank or 1)) / float(m.rank or 1)
+                scale = m.scale()
                 if not (abs(scale - adapter.base_scaling) <= 1e-6 * max(1.0, abs(scale)) or m.alpha == adapter.alpha):
                     raise FormatError(
                         f"{source}: {root.names[path]!r} has alpha {m.alpha} (scale {scale:g}) but this network's "
@@ -420,6 +415,22 @@ def create_lycoris(
     )  # fmt: skip
 
 
+def root_file(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], prefix: str, module: nn.Module, source: str,
+    strict: bool,
+) -> tuple[dict[str, torch.Tensor], AdapterFile]:  # fmt: skip
+    """The keys of one root (``<prefix>_…``) and the adapter they make, resolved against ``module`` (``strict=False``:
+    keys matching none of its modules are dropped with a warning)."""
+    own = {k: v for k, v in tensors.items() if k.startswith(f"{prefix}_")}
+    if not own:
+        return own, AdapterFile({})
+    af = resolve_adapter_file(
+        parse_state_dict(own, dict(metadata), source, prefix=f"{prefix}_", strict=strict),
+        ModuleTable.from_module(module), prefix=f"{prefix}_", strict=strict, source=source,
+    )  # fmt: skip
+    return own, af
+
+
 def from_weights(
     network: LycorisNetwork, roots: list[tuple[str, nn.Module, str]], tensors: dict[str, torch.Tensor],
     metadata: Mapping[str, str], source: str,
@@ -429,14 +440,8 @@ def from_weights(
     built: list[Root] = []
     try:
         for prefix, module, kind in roots:
-            own = {k: v for k, v in tensors.items() if k.startswith(f"{prefix}_")}
-            if not own:
-                continue
-            af = resolve_adapter_file(
-                parse_state_dict(own, dict(metadata), source, prefix=f"{prefix}_", strict=False),
-                ModuleTable.from_module(module), prefix=f"{prefix}_", strict=False, source=source,
-            )  # fmt: skip
-            if not af.modules:
+            own, af = root_file(tensors, metadata, prefix, module, source, strict=False)
+            if not own or not af.modules:
                 continue
             fit = fit_file(module, af, set())
             lyco = _wrap(module, fit.config, af.tensors(), fit.plans, source)

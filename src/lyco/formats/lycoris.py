@@ -163,9 +163,10 @@ def _peft_scales(modules: dict[str, ModuleAdapter], metadata: dict[str, str], so
     for key, value in data.items():
         head, dot, name = str(key).rpartition(".")
         configs.setdefault(f"{head}." if dot else "", {})[name if dot else str(key)] = value
+    longest_first = sorted(configs, key=len, reverse=True)
     out = dict(modules)
     for stem, m in modules.items():
-        prefix = next((p for p in sorted(configs, key=len, reverse=True) if stem.startswith(p)), None)
+        prefix = next((p for p in longest_first if stem.startswith(p)), None)
         if m.alpha is not None or prefix is None:
             continue
         cfg, path = configs[prefix], stem[len(prefix) :]
@@ -293,7 +294,7 @@ def kohya_layout(
     af: AdapterFile, model: nn.Module, component: str, base: dict[str, torch.Tensor] | None = None
 ) -> Regrouped:
     """``af`` (keyed by ``model``'s module paths) in the layout kohya sd-scripts writes for ``model``'s family: SDXL's
-    original SGM names (:mod:`lyco.formats.sgm`), Flux.1's / SD3's fused original layouts
+    original SGM names (:mod:`lyco.formats.sgm`), the fused original layouts of Flux.1, Flux.2 and SD3
     (:func:`lyco.formats.fused.fuse`, ``component`` ``"transformer"``; ``base``: the base weights an input-axis DoRA
     cut needs), else unchanged. The notes name the modules written as Full deltas."""
     if base_model_version(model) == SDXL:
