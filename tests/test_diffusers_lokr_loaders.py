@@ -244,19 +244,29 @@ def test_lyco_diffusers_style_file_loads_in_diffusers(arch, route, tmp_path):
     torch.testing.assert_close(ARCHS[arch].run(loaded), out, atol=ATOL, rtol=0)
 
 
-BFL = ("lyco's diffusers / peft styles keep diffusers' split names, and under diffusion_model. / base_model.model. "
-       "diffusers reads Flux.2 keys as BFL names (double_blocks.N.img_attn.qkv …): lyco writes BFL's layout only in "
-       "style kohya (tests/test_fused_flux2.py), and diffusers' BFL adapter route swaps final_layer's halves wrongly")  # fmt: skip
+# diffusers reads Flux.2 keys under diffusion_model. (ai-toolkit) and base_model.model. as BFL names: lyco's style
+# "original" writes BFL's fused layout there (double_blocks.N.img_attn.qkv, single_blocks.N.linear1 …). A LoKr on
+# split to_q / to_k / to_v has no LoKr on the fused qkv (it would become a Full delta, which diffusers' LoKr route
+# does not read): the user fuses the base first, as for the bare-dotted fused file above.
+FLUX2_FUSED_BLOCKS = (r"transformer_blocks\.\d+\.(attn\.(to_qkv|to_added_qkv|to_out\.0|to_add_out)|ff(_context)?\.linear_(in|out))"
+                      r"|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)")  # fmt: skip
 
 
-@pytest.mark.xfail(strict=True, reason=BFL, raises=ValueError)
-@pytest.mark.parametrize(("style", "prefix"), [("diffusers", "diffusion_model."), ("peft", None)], ids=["ai_toolkit", "peft"])
-def test_lyco_flux2_bfl_layout_loads_in_diffusers(style, prefix, tmp_path):
-    model, out = lyco_lokr("flux2", CONFIGS["w1_full_w2_lowrank"][0], FLUX2_BLOCKS)
+@pytest.mark.parametrize("config", ["w1_full_w2_lowrank", "both_full"])
+@pytest.mark.parametrize("prefix", [None, "base_model.model."], ids=["ai_toolkit", "peft_prefix"])
+def test_lyco_flux2_bfl_layout_loads_in_diffusers(prefix, config, tmp_path):
+    model, out = lyco_lokr("flux2", CONFIGS[config][0], FLUX2_FUSED_BLOCKS, fuse=True)
     path = tmp_path / "bfl.safetensors"
-    save(model, path, style, prefix)
-    loaded = diffusers_load("flux2", path, "pipeline")  # diffusers: "`original_state_dict` should be empty ..."
+    save(model, path, "original", prefix)
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+    assert any(".double_blocks.0.img_attn.qkv.lokr_w1" in k for k in keys), sorted(keys)[:5]
+    loaded = diffusers_load("flux2", path, "pipeline")
     torch.testing.assert_close(run_flux2(loaded), out, atol=ATOL, rtol=0)
+    fused = base("flux2")[0]
+    fused.fuse_qkv_projections()
+    reloaded = lyco.load_lycoris(fused, path)  # and back onto the fused diffusers model
+    torch.testing.assert_close(run_flux2(reloaded), out, atol=ATOL, rtol=0)
 
 
 # -- the reverse: PEFT LoKr made and saved by diffusers, loaded into lyco ------------------------------------

@@ -408,6 +408,6 @@ def test_cli_convert_to_kohya_with_a_flux_config_writes_the_fused_layout(tmp_pat
     out = tmp_path / "k.safetensors"
     assert cli.main(["convert", str(tmp_path / "peft"), str(out), "--style", "kohya",
                      "--base", str(tmp_path / "flux" / "config.json")]) == 0  # fmt: skip
-    assert "original layout for FluxTransformer2DModel" in capsys.readouterr().out
+    assert "original layout of FluxTransformer2DModel" in capsys.readouterr().out
     loaded = lyco.load_lycoris(copy.deepcopy(BASE), out)
     torch.testing.assert_close(run(loaded), run(model), atol=1e-5, rtol=0)

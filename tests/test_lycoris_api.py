@@ -96,8 +96,18 @@ def shapes(net: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in net.state_dict().items()}
 
 
-def alphas(net: nn.Module) -> dict[str, float]:
-    return {k: float(v) for k, v in net.state_dict().items() if k.endswith(".alpha")}
+def alphas(net: nn.Module, consumer_safe: bool = False) -> dict[str, float]:
+    """Each module's stored alpha. ``consumer_safe``: a LoKr with both factors full (scale 1 in every reader,
+    lycoris-lora stores its dim) as lyco stores it, ``w2`` rows // ``w1`` rows, which a reader dividing alpha by that
+    (a newer ComfyUI, reported) also reads as 1."""
+    sd = net.state_dict()
+    out = {k: float(v) for k, v in sd.items() if k.endswith(".alpha")}
+    if consumer_safe:
+        for k in out:
+            w1, w2 = sd.get(k.replace(".alpha", ".lokr_w1")), sd.get(k.replace(".alpha", ".lokr_w2"))
+            if w1 is not None and w2 is not None:
+                out[k] = float(max(1, w2.shape[0] // w1.shape[0]))
+    return out
 
 
 def oracle_scales(net) -> dict[str, float]:
@@ -114,7 +124,7 @@ def same_network(base, forward, keys, **kwargs):
     o_model, o_net = oracle(base, keys, **kwargs)
     model, net = ours(base, keys, **kwargs)
     assert shapes(net) == shapes(o_net)
-    assert alphas(net) == pytest.approx(alphas(o_net), rel=1e-6)
+    assert alphas(net) == pytest.approx(alphas(o_net, consumer_safe=True), rel=1e-6)
     net.load_state_dict(o_net.state_dict())
     expected = forward(o_model)
     assert (expected - forward(base)).abs().max() > MOVED
@@ -431,7 +441,7 @@ def test_simpletuner_configs(tmp_path, name):
     net = simpletuner_wrap(path, model, LycorisNetwork, create_lycoris)
     net.apply_to()
     assert shapes(net) == shapes(o_net)
-    assert alphas(net) == pytest.approx(alphas(o_net), rel=1e-6)
+    assert alphas(net) == pytest.approx(alphas(o_net, consumer_safe=True), rel=1e-6)
     assert our_scales(net) == pytest.approx(oracle_scales(o_net), rel=1e-6)
     assert set(our_scales(net).values()) == {ST_SCALES[name]}  # full LoKr: 1, not alpha / r = 1e-4
     paths = adapted_paths(model)

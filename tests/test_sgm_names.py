@@ -152,7 +152,7 @@ def test_cli_convert_to_kohya_with_a_diffusers_config_writes_sgm_names(tmp_path,
     assert cli.main(["convert", str(tmp_path / "peft"), str(out), "--style", "kohya",
                      "--base", str(tmp_path / "unet" / "config.json")]) == 0  # fmt: skip
     said = capsys.readouterr().out
-    assert "in kohya's original layout for UNet2DConditionModel" in said and "difference 0.0e+00" in said
+    assert "in the original layout of UNet2DConditionModel" in said and "difference 0.0e+00" in said
     stems = {k.split(".")[0] for k in load_file(out)}
     assert "lora_unet_label_emb_0_0" in stems and not any("down_blocks" in s for s in stems)
     loaded = lyco.load_lycoris(copy.deepcopy(base), out)

@@ -195,7 +195,7 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_convert(args: argparse.Namespace) -> int:
     from .formats.keys import infer_component
-    from .formats.lycoris import kohya_layout
+    from .formats.lycoris import style_layout
     from .formats.metadata import without_derived_args
     from .tools.base_weights import index_base
     from .tools.convert import compare_adapters, prepare
@@ -206,11 +206,12 @@ def _run_convert(args: argparse.Namespace) -> int:
     if args.consumer_safe:  # the same ΔW in layouts the checked consumers apply; layout args derived anew
         written = dataclasses.replace(af.in_consumer_layout(), metadata=without_derived_args(af.metadata, af))
     layout = ""
-    if args.style == "kohya" and base is not None and base.model is not None and written.resolved:
-        # a diffusers config as --base: the names / fused layout sd-scripts writes for its family (SDXL, Flux.1, SD3)
-        regrouped = kohya_layout(written, base.model, infer_component(base.model, list(written.modules)))
+    if args.style in ("kohya", "original") and base is not None and base.model is not None and written.resolved:
+        # a diffusers config as --base: the original names / fused layout of its family (SDXL, Flux.1, Flux.2, SD3)
+        component = infer_component(base.model, list(written.modules))
+        regrouped = style_layout(written, base.model, component, args.style)
         if regrouped.adapter.modules.keys() != written.modules.keys():
-            layout = f"; in kohya's original layout for {type(base.model).__name__}"
+            layout = f"; in the original layout of {type(base.model).__name__}"
         for note in regrouped.notes:
             print(f"lyco convert: note: {note}", file=sys.stderr)
         written = regrouped.adapter

@@ -46,10 +46,19 @@ def diffusion_model(model: object) -> bool:
     return any(type(m).__module__.startswith("diffusers.") for m in model_components(model))
 
 
+# Families whose consumers read another style best: Z-Image's (ComfyUI, diffusers) both map diffusers' names under
+# transformer. (ComfyUI slicing its fused qkv), every method included; its kohya layout (lora_unet_ + the original
+# fused attention.qkv) holds a LoKr on to_q / to_k / to_v only as a Full delta, and diffusers' LoKr route skips it.
+_FAMILY_STYLE = {"ZImageTransformer2DModel": "diffusers"}
+
+
 def default_style(model: object) -> str:
     """The key style whose files ``model``'s consumers load fully: ``kohya`` for diffusers models (the one style
-    ComfyUI, AUTOMATIC1111/Forge, kohya sd-scripts and diffusers' kohya converters all map), else ``lycoris``
-    (lycoris-lora's wrapper; LLM tooling reads PEFT folders)."""
+    ComfyUI, AUTOMATIC1111/Forge, kohya sd-scripts and diffusers' kohya converters all map; ``diffusers`` for
+    Z-Image), else ``lycoris`` (lycoris-lora's wrapper; LLM tooling reads PEFT folders)."""
+    for inner in model_components(model):
+        if type(inner).__name__ in _FAMILY_STYLE:
+            return _FAMILY_STYLE[type(inner).__name__]
     return "kohya" if diffusion_model(model) else "lycoris"
 
 

@@ -40,7 +40,7 @@ from .keys import model_components
 from .names import ModuleTable
 
 __all__ = [
-    "FLUX1", "FLUX2", "SD3", "FusedLayout", "FusedTable", "Fusion", "Group", "Part", "Regrouped", "Segment", "fuse",
+    "FLUX1", "FLUX2", "SD3", "ZIMAGE", "FusedLayout", "FusedTable", "Fusion", "Group", "Part", "Regrouped", "Segment", "fuse",
     "fused_name", "fused_side", "resolve", "split", "split_name",
 ]  # fmt: skip
 
@@ -204,6 +204,32 @@ FLUX2 = FusedTable("Flux.2", (
     _whole("guidance_in.out_layer", "time_guidance_embed.guidance_embedder.linear_2"),
     Fusion("final_layer.adaLN_modulation.1", (Part("norm_out.linear", (1, 2)), Part("norm_out.linear", (0, 2)))),
     _whole("final_layer.linear", "proj_out"),
+))  # fmt: skip
+
+
+def _zimage_block(family: str) -> tuple[Fusion, ...]:
+    """One Z-Image block family (``layers``, ``noise_refiner``, ``context_refiner``): its fused ``attention.qkv``
+    (q, k, v rows, as ComfyUI's ``z_image_to_diffusers`` slices it) and the renamed output; the rest keeps its names."""
+    at = f"{family}.{{i}}"
+    keep = ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3", "adaLN_modulation.0")
+    return (
+        _whole(f"{at}.attention.qkv", *(f"{at}.attention.{p}" for p in ("to_q", "to_k", "to_v"))),
+        _whole(f"{at}.attention.out", f"{at}.attention.to_out.0"),
+        *(_whole(f"{at}.{k}", f"{at}.{k}") for k in keep),
+    )
+
+
+# Z-Image (diffusers ZImageTransformer2DModel ↔ its original NextDiT checkpoint: ComfyUI's native names, which it also
+# maps as lora_unet_<path>), as diffusers' converter maps it (single_file_utils.convert_z_image_transformer_…); the
+# context refiner has no adaLN (its blocks lack the module, so the fusion matches nothing there).
+ZIMAGE = FusedTable("Z-Image", (
+    *_zimage_block("layers"), *_zimage_block("noise_refiner"), *_zimage_block("context_refiner"),
+    _whole("x_embedder", "all_x_embedder.2-1"),
+    _whole("final_layer.linear", "all_final_layer.2-1.linear"),
+    _whole("final_layer.adaLN_modulation.1", "all_final_layer.2-1.adaLN_modulation.1"),
+    _whole("cap_embedder.1", "cap_embedder.1"),
+    _whole("t_embedder.mlp.0", "t_embedder.mlp.0"),
+    _whole("t_embedder.mlp.2", "t_embedder.mlp.2"),
 ))  # fmt: skip
 
 
@@ -559,6 +585,7 @@ def _span(rows: torch.Tensor) -> str:
 # The fused layout of each model family whose original checkpoints (and kohya sd-scripts) fuse projections.
 TABLES: dict[str, FusedTable] = {
     "FluxTransformer2DModel": FLUX1, "SD3Transformer2DModel": SD3, "Flux2Transformer2DModel": FLUX2,
+    "ZImageTransformer2DModel": ZIMAGE,
 }  # fmt: skip
 
 

@@ -46,6 +46,7 @@ class Convention:
 
 
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix (PEFT folders: formats.peft.peft_key)
+ORIGINAL_PREFIX = "diffusion_model."  # style original: the original checkpoint's names (ComfyUI's native keys)
 
 CONVENTIONS: tuple[Convention, ...] = (
     Convention("lycoris_", "lycoris", "", False),
@@ -55,7 +56,7 @@ CONVENTIONS: tuple[Convention, ...] = (
     Convention("lora_te2_", "kohya", "te2", False),
     Convention("lora_te3_", "kohya", "te3", False),
     Convention("lora_transformer_", "onetrainer", "transformer", False),
-    Convention("diffusion_model.", "ai-toolkit", "diffusion", True),
+    Convention(ORIGINAL_PREFIX, "ai-toolkit", "diffusion", True),
     Convention(PEFT_PREFIX, "peft", "", True),
     Convention("transformer.", "diffusers", "transformer", True),
     Convention("unet.", "diffusers", "unet", True),
@@ -68,13 +69,13 @@ _BY_PREFIX = {c.prefix: c for c in CONVENTIONS}
 # Where a component's modules live inside a pipeline-like container (the model root is always tried too).
 COMPONENT_ROOTS: dict[str, tuple[str, ...]] = {
     "": (),
-    "unet": ("unet", "model.diffusion_model", "diffusion_model"),
+    "unet": ("unet", "model.diffusion_model", "diffusion_model", "transformer"),  # kohya's lora_unet_: any denoiser
     "transformer": ("transformer", "model.diffusion_model", "diffusion_model"),
     "diffusion": ("diffusion_model", "model.diffusion_model", "transformer", "unet"),
     "te": ("text_encoder",),
     "te1": ("text_encoder",),
     "te2": ("text_encoder_2",),
-    "te3": ("text_encoder_3",),
+    "te3": ("text_encoder_3", "text_encoder_2"),  # the T5: SD3's third encoder, Flux.1's second (sd-scripts: lora_te3_)
 }
 # The attribute name of each component in a diffusers pipeline (used to split pipeline-level names).
 PIPELINE_ATTRS = {"unet": "unet", "transformer": "transformer", "text_encoder": "te", "text_encoder_2": "te2",
@@ -84,7 +85,7 @@ PIPELINE_ATTRS = {"unet": "unet", "transformer": "transformer", "text_encoder": 
 EXTRA_KEYS = ("alpha",)
 UNSUPPORTED_KEYS: dict[str, str] = {}  # key suffix → why lyco cannot use it (none at present)
 
-STYLES = ("lycoris", "kohya", "peft", "diffusers")
+STYLES = ("lycoris", "kohya", "peft", "diffusers", "original")
 _KOHYA = {"": "lora_unet_", "unet": "lora_unet_", "transformer": "lora_unet_", "diffusion": "lora_unet_",
           "te": "lora_te_", "te1": "lora_te1_", "te2": "lora_te2_", "te3": "lora_te3_"}  # fmt: skip
 _DIFFUSERS = {"unet": "unet.", "transformer": "transformer.", "diffusion": "transformer.", "te": "text_encoder.",
@@ -155,16 +156,46 @@ def infer_component(model: nn.Module | None, names: list[str]) -> str:
     return "transformer"
 
 
-def key_prefix(style: str, component: str, has_te2: bool = False) -> str:
-    """The key prefix ``style`` uses for ``component`` (``lora_te1_`` for the first of two text encoders)."""
+TEXT_ENCODER_ATTRS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def kohya_text_encoders(model: object) -> dict[str, str]:
+    """The kohya slot (``te``, ``te1``…``te3``: ``lora_te_``…``lora_te3_``) of each text-encoder component of a
+    pipeline-like ``model``, numbered as sd-scripts numbers them, by the encoders the model holds (adapted or not):
+    one CLIP alone is ``te`` (SD1/SD2); with several, ``text_encoder`` is ``te1``, ``text_encoder_2`` ``te2``, and a
+    T5 is always ``te3`` (SD3: CLIP-L, CLIP-G, T5; Flux.1: CLIP-L ``te1``, T5 ``te3``, sd-scripts' ``lora_flux``).
+    Empty for a model without text encoders."""
+    held = [(attr, type(m).__name__) for attr in TEXT_ENCODER_ATTRS if (m := getattr(model, attr, None)) is not None]
+    slots: dict[str, str] = {}
+    for attr, cls in held:
+        comp = PIPELINE_ATTRS[attr]
+        if "T5" in cls:
+            slots[comp] = "te3"
+        elif len(held) > 1:
+            slots[comp] = {"te": "te1"}.get(comp, comp)
+    return slots
+
+
+def key_prefix(style: str, component: str, has_te2: bool = False, text_encoders: dict[str, str] | None = None) -> str:
+    """The key prefix ``style`` uses for ``component`` (``lora_te1_`` for the first of two text encoders;
+    ``text_encoders``: :func:`kohya_text_encoders` of the model, which decides the kohya slots when given)."""
     if style == "lycoris":
         return "lycoris_"
     if style == "peft":
         return PEFT_PREFIX
     if style == "kohya":
+        if text_encoders and component in text_encoders:
+            return _KOHYA[text_encoders[component]]
         return "lora_te1_" if component == "te" and has_te2 else _KOHYA[component]
     if style == "diffusers":
         return _DIFFUSERS.get(component, "transformer.")
+    if style == "original":
+        if component.startswith("te"):
+            raise FormatError(
+                "style 'original' holds the diffusion model only (diffusion_model. + its original checkpoint names); "
+                "save text-encoder modules with style 'kohya' (lora_te*_) or 'diffusers' (text_encoder*.)"
+            )
+        return ORIGINAL_PREFIX
     raise FormatError(f"unknown key style {style!r} (known: {', '.join(STYLES)})")
 
 
@@ -174,6 +205,7 @@ def module_keys(
     prefix: str | None = None,
     resolved: bool = True,
     component: str = "",
+    text_encoders: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """Module name → key stem (key without ``.param``) in ``style``.
 
@@ -181,11 +213,12 @@ def module_keys(
     model is; pipeline-level names like ``unet.…`` carry their own); otherwise they are stems read from a
     file, prefix included,
     and are re-prefixed (underscore paths cannot become dotted without a model to resolve them).
-    ``prefix`` replaces the style's prefix for every module.
+    ``prefix`` replaces the style's prefix for every module; ``text_encoders``: the kohya slots of the model's text
+    encoders (:func:`kohya_text_encoders`).
     """
     if style not in STYLES:
         raise FormatError(f"unknown key style {style!r} (known: {', '.join(STYLES)})")
-    dotted_style = style in ("peft", "diffusers")
+    dotted_style = style in ("peft", "diffusers", "original")
     whole = style in ("lycoris", "peft")  # one namespace: the model the names belong to
     parts: dict[str, tuple[str, str, bool]] = {}
     for name in names:
@@ -213,7 +246,7 @@ def module_keys(
                 f"module {name!r} has an underscore path; writing {style} keys needs the dotted module names: "
                 "resolve them against the model (read_lycoris_file(..., model=...), or base_model=...)"
             )
-        pfx = prefix if prefix is not None else key_prefix(style, comp, has_te2="te2" in comps)
+        pfx = prefix if prefix is not None else key_prefix(style, comp, "te2" in comps, text_encoders)
         out[name] = pfx + (path if dotted_style else underscore(path))
     clash = _first_clash(out)
     if clash:

@@ -13,6 +13,7 @@ Layers of this module: :func:`parse_state_dict` (tensors → unresolved :class:`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -25,12 +26,13 @@ from ..errors import FormatError
 from ..methods.config import pattern_value
 from ..methods.registry import file_keys
 from .adapterfile import AdapterFile, ModuleAdapter
-from .fused import Regrouped, fuse, table_for
+from .fused import TABLES, Regrouped, fuse, table_for
 from .io import PICKLE_SUFFIXES, as_path, read_metadata, read_tensors, warn_nonfinite, write_tensors
 from .keys import EXTRA_KEYS, UNSUPPORTED_KEYS, infer_component, match_convention, module_keys, split_key
 from .metadata import SDXL, base_model_version, file_metadata
 from .names import ModuleTable
-from .sgm import sgm_names
+from .sgm import sgm_names, unet_roots
+from .textnames import clip_text_names
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -238,16 +240,20 @@ def read_lycoris_file(
 
 # -- writing ---------------------------------------------------------------------------------------
 def lycoris_state_dict(
-    af: AdapterFile, style: str = "lycoris", prefix: str | None = None, component: str | None = None
+    af: AdapterFile,
+    style: str = "lycoris",
+    prefix: str | None = None,
+    component: str | None = None,
+    text_encoders: dict[str, str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The tensors of ``af`` under ``style``'s keys, each module with a 0-dim float32 ``.alpha`` unless its
     method stores none (Full) or the file is in diffusers' own layout (style ``diffusers`` with its component
-    prefixes: diffusers' loaders take alpha = r there, so the scale is folded into the tensors) (``r`` where none is stored; a module without rank and alpha gets 1, which no reader uses). A stored alpha
+    prefixes: diffusers' loaders take alpha = r there, so the scale is folded into the tensors) (``r`` where none is stored; a module without rank gets its method's ``unranked_alpha``, read as scale 1 by every reader). A stored alpha
     is never 0 (kohya and lycoris-lora read 0 as r, ComfyUI and AUTOMATIC1111 as 0): a module of scale 0 is
     written with its tensors scaled by 0 and ``alpha = r``, which every reader applies alike."""
     names = list(af.modules)
     comp = component if component is not None else infer_component(None, names)
-    stems = module_keys(names, style, prefix=prefix, resolved=af.resolved, component=comp)
+    stems = module_keys(names, style, prefix=prefix, resolved=af.resolved, component=comp, text_encoders=text_encoders)
     baked = style == "diffusers" and prefix is None  # component prefixes (transformer., unet.): diffusers' own layout
     out: dict[str, torch.Tensor] = {}
     for name, m in af.modules.items():
@@ -261,7 +267,8 @@ def lycoris_state_dict(
         for p, t in tensors.items():
             out[f"{stem}.{params[p].file_key}"] = t.detach()
         if m.method.stores_alpha and not baked:
-            alpha = m.alpha if m.alpha is not None else float(m.rank or 1)
+            # a module without rank: every reader scales it by 1; its method picks the alpha no reader misreads
+            alpha = m.method.unranked_alpha(m.shapes()) if m.rank is None else m.alpha if m.alpha is not None else float(m.rank)
             out[f"{stem}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
     return out
 
@@ -273,33 +280,52 @@ def write_lycoris_file(
     prefix: str | None = None,
     metadata: dict[str, str] | None = None,
     component: str | None = None,
+    text_encoders: dict[str, str] | None = None,
 ) -> None:
     """Write ``af`` as one safetensors file, atomically (temp file + rename).
 
     ``style``: ``lycoris`` (``lycoris_<path with _>``, lycoris-lora's wrapper), ``kohya`` (``lora_unet_`` /
-    ``lora_te_`` …, by ``component`` or pipeline-level names), ``peft`` (``base_model.model.<path>``) or
-    ``diffusers`` (``transformer.`` / ``unet.`` / ``text_encoder.`` + dotted path). ``prefix`` overrides
-    the style's prefix. Metadata: :func:`lyco.formats.metadata.file_metadata` (the adapter's own values,
+    ``lora_te_`` …, by ``component`` or pipeline-level names; ``text_encoders``: the kohya slots of the model's text
+    encoders, :func:`lyco.formats.keys.kohya_text_encoders`), ``peft`` (``base_model.model.<path>``), ``diffusers``
+    (``transformer.`` / ``unet.`` / ``text_encoder.`` + dotted path) or ``original`` (``diffusion_model.`` + the
+    dotted path: the original checkpoint's names once :func:`style_layout` has renamed the modules; ComfyUI's native
+    keys, ai-toolkit's layout). ``prefix`` overrides the style's prefix. Metadata: :func:`lyco.formats.metadata.file_metadata` (the adapter's own values,
     the missing ``ss_network_*`` computed, then ``metadata``).
     """
     if str(as_path(path)).endswith(PICKLE_SUFFIXES):
         raise FormatError(f"{path}: lyco writes LyCORIS files as .safetensors only")
     if not af.modules:
         raise FormatError(f"{path}: the adapter has no modules to write")
-    tensors = lycoris_state_dict(af, style=style, prefix=prefix, component=component)
+    tensors = lycoris_state_dict(af, style=style, prefix=prefix, component=component, text_encoders=text_encoders)
     write_tensors(path, tensors, file_metadata(af, metadata))
 
 
-def kohya_layout(
-    af: AdapterFile, model: nn.Module, component: str, base: dict[str, torch.Tensor] | None = None
+def style_layout(
+    af: AdapterFile, model: nn.Module, component: str, style: str, base: dict[str, torch.Tensor] | None = None
 ) -> Regrouped:
-    """``af`` (keyed by ``model``'s module paths) in the layout kohya sd-scripts writes for ``model``'s family: SDXL's
-    original SGM names (:mod:`lyco.formats.sgm`), the fused original layouts of Flux.1, Flux.2 and SD3
-    (:func:`lyco.formats.fused.fuse`, ``component`` ``"transformer"``; ``base``: the base weights an input-axis DoRA
-    cut needs), else unchanged. The notes name the modules written as Full deltas."""
-    if base_model_version(model) == SDXL:
-        return Regrouped(af.renamed(sgm_names(name for name, _ in model.named_modules())), [])
+    """``af`` (keyed by ``model``'s module paths) in the module layout ``style`` writes for ``model``'s family.
+
+    ``kohya``: what sd-scripts writes — SDXL's original SGM names (:mod:`lyco.formats.sgm`; SD1/SD2 keep diffusers'
+    names, as sd-scripts does), the fused original layouts of Flux.1, Flux.2 and SD3 (:func:`lyco.formats.fused.fuse`,
+    ``component`` ``"transformer"``). ``original``: the original checkpoint's own names (ComfyUI's native
+    ``diffusion_model.`` keys, ai-toolkit's and diffusers' BFL layout) — SGM/LDM names for every diffusers UNet, the
+    same fused layouts. Other styles and models: unchanged. ``base``: the base weights an input-axis DoRA cut needs.
+    The notes name the modules written as Full deltas."""
+    if style not in ("kohya", "original"):
+        return Regrouped(af, [])
+    names = [name for name, _ in model.named_modules()]
+    if style == "kohya":  # a transformers-5 CLIP text model: the names with text_model. that every SD-family file has
+        af = af.renamed(clip_text_names(names))
+    if (style == "kohya" and base_model_version(model) == SDXL) or (style == "original" and unet_roots(names)):
+        return Regrouped(af.renamed(sgm_names(names)), [])
     table = table_for(model)
-    if table is not None and component == "transformer":
-        return fuse(af, ModuleTable.from_module(model), table, base=base)
-    return Regrouped(af, [])
+    inner, root = (model, "") if type(model).__name__ in TABLES else (getattr(model, "transformer", None), "transformer.")
+    if table is None or inner is None or (root == "" and component != "transformer"):
+        return Regrouped(af, [])
+    # the transformer's modules (a pipeline-like container's under transformer.), fused; the others as they are
+    mine = {n[len(root) :]: m for n, m in af.modules.items() if n.startswith(root)}
+    regrouped = fuse(dataclasses.replace(af, modules=mine), ModuleTable.from_module(inner), table,
+                     base={n[len(root) :]: t for n, t in (base or {}).items() if n.startswith(root)})  # fmt: skip
+    rest = {n: m for n, m in af.modules.items() if not n.startswith(root)}
+    fused = {f"{root}{n}": m for n, m in regrouped.adapter.modules.items()}
+    return Regrouped(dataclasses.replace(af, modules={**rest, **fused}), regrouped.notes)

@@ -29,6 +29,7 @@ from ..errors import ArgumentError, FormatError
 from ..ops.layerops import layer_spec
 from .keys import COMPONENT_ROOTS, Convention, match_convention, underscore
 from .sgm import sgm_names
+from .textnames import clip_text_names
 
 Shape = tuple[int, ...]
 WEIGHT = ".weight"
@@ -60,8 +61,11 @@ class ModuleTable:
         self.source = source
         self._containers = {n.rsplit(".", k)[0] for n in [*self.shapes, *self.others] for k in range(1, n.count(".") + 1)}
         self._underscore: dict[str, dict[str, list[str]]] = {}
-        # a diffusers UNet's modules answer to their original-checkpoint (SGM) names too: kohya's SDXL files
-        self.aliases = {sgm: name for name, sgm in sgm_names([*self.shapes, *self.others]).items() if name in self.shapes}
+        # a diffusers UNet's modules answer to their original-checkpoint (SGM) names too (kohya's SDXL files), and a
+        # transformers-5 CLIP text model's to its names with text_model. (every SD-family file's text encoder keys)
+        every = [*self.shapes, *self.others]
+        renames = {**sgm_names(every), **clip_text_names(every)}
+        self.aliases = {alias: name for name, alias in renames.items() if name in self.shapes}
 
     @classmethod
     def from_module(cls, root: nn.Module, source: str = "model") -> ModuleTable:

@@ -313,6 +313,16 @@ class LoKrAdapter(Adapter):
         return []
 
     @classmethod
+    def unranked_alpha(cls, shapes):
+        """Both factors full: ``lokr_w2`` rows // ``lokr_w1`` rows (at least 1). lycoris-lora, kohya, AUTOMATIC1111,
+        diffusers and ComfyUI's ``calculate_weight`` (fe25114) scale such a module by 1 whatever alpha says; a newer
+        ComfyUI is reported to take ``alpha / (w2 rows // w1 rows)`` there (not in any reachable source), which this
+        alpha also makes 1 (when w2 has fewer rows than w1 that rule divides by 0 whatever the file says)."""
+        if "lokr_w1" in shapes and "lokr_w2" in shapes:
+            return float(max(1, int(shapes["lokr_w2"][0]) // int(shapes["lokr_w1"][0])))
+        return 1.0
+
+    @classmethod
     def consumer_layout(cls, tensors):
         """A CP ``w2 = cp(t2, w2_a, w2_b)`` as the plain low-rank pair of the same rank: ``w2_a = lokr_w2_aᵀ (out_r,
         r)``, ``w2_b[i, (q, k)] = Σ_j t2[i, j, k] · lokr_w2_b[j, q]`` ``(r, in_r·∏k)`` — exact, ``r·in_r·∏k`` numbers

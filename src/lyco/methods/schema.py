@@ -325,6 +325,13 @@ class MethodSchema:
         return {}
 
     @classmethod
+    def unranked_alpha(cls, shapes: Mapping[str, Shape]) -> float:
+        """The ``.alpha`` a file stores for a module without rank (:attr:`unranked`; every checked reader scales it
+        by 1 whatever alpha says): one that a reader dividing alpha by some size of these ``shapes`` also reads as
+        scale 1. Default: 1."""
+        return 1.0
+
+    @classmethod
     def consumer_issues(cls, shapes: Mapping[str, Shape]) -> list[str]:
         """Known defects of the tools that apply adapter files (ComfyUI, AUTOMATIC1111…) that a module with these
         tensor ``shapes`` runs into: one sentence each, naming the consumer and what it does. Default: none."""
