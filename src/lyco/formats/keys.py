@@ -12,7 +12,7 @@ prefix                 convention    component (where it lives)  path
 ``lora_te_``           kohya         text encoder                underscore
 ``lora_te1_/2_/3_``    kohya         text encoder 1/2/3          underscore
 ``lora_transformer_``  onetrainer    transformer                 underscore
-``diffusion_model.``   ai-toolkit    diffusion model             dotted
+``diffusion_model.``   ai-toolkit    diffusion model             dotted  (style ``original``: original names)
 ``transformer.``       diffusers     transformer                 dotted
 ``unet.``              diffusers     unet                        dotted
 ``text_encoder(_2).``  diffusers     text encoder 1/2            dotted
