@@ -298,3 +298,14 @@ def assert_split_reverses(fused, af, shapes, table, algo: str, atol: float) -> N
     for path, m in back.modules.items():
         assert m.algo == algo
         assert torch.allclose(m.delta_weight(), af.modules[path].delta_weight(), atol=atol, rtol=0), path
+
+
+def tiny_zimage(n_layers: int = 1) -> nn.Module:
+    """A tiny diffusers ``ZImageTransformer2DModel`` (dim 32, one refiner layer of each kind), seeded."""
+    import diffusers
+
+    torch.manual_seed(0)
+    return diffusers.ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=n_layers, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, qk_norm=True, cap_feat_dim=16, axes_dims=[8, 4, 4], axes_lens=[256, 32, 32],
+    ).eval()  # fmt: skip

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 import lyco
+from conftest import tiny_zimage
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
@@ -50,14 +51,6 @@ def tiny_flux2() -> nn.Module:
     return diffusers.Flux2Transformer2DModel(
         patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=256, axes_dims_rope=(4, 4, 4, 4),
-    ).eval()  # fmt: skip
-
-
-def tiny_zimage() -> nn.Module:
-    torch.manual_seed(0)
-    return diffusers.ZImageTransformer2DModel(
-        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=1, n_refiner_layers=1,
-        n_heads=2, n_kv_heads=2, qk_norm=True, cap_feat_dim=16, axes_dims=[8, 4, 4], axes_lens=[256, 32, 32],
     ).eval()  # fmt: skip
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import lyco
-from conftest import assert_split_reverses
+from conftest import assert_split_reverses, tiny_zimage
 from lyco.formats.fused import (
     ZIMAGE,
     Part,
@@ -51,16 +51,7 @@ ATOL = 1e-5  # model outputs, lyco vs lyco and lyco vs diffusers/PEFT (fp32)
 MOVED = 1e-4  # every adapter must move the output by more than this, so a dropped one fails the test
 
 
-def tiny() -> nn.Module:
-    """Two main layers (so the block index matters), one refiner layer of each kind."""
-    torch.manual_seed(0)
-    return diffusers.ZImageTransformer2DModel(
-        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1,
-        n_heads=2, n_kv_heads=2, qk_norm=True, cap_feat_dim=16, axes_dims=[8, 4, 4], axes_lens=[256, 32, 32],
-    ).eval()  # fmt: skip
-
-
-BASE = tiny()
+BASE = tiny_zimage(n_layers=2)  # two main layers, so the block index matters
 SHAPES = ModuleTable.from_module(BASE)
 LINEARS = [n for n, m in BASE.named_modules() if isinstance(m, nn.Linear)]
 QKV = ["layers.0.attention.qkv", "layers.1.attention.qkv", "noise_refiner.0.attention.qkv",

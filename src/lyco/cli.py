@@ -194,7 +194,6 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from .formats.keys import infer_component
     from .formats.lycoris import style_layout
     from .formats.metadata import without_derived_args
     from .tools.base_weights import index_base
@@ -208,8 +207,7 @@ def _run_convert(args: argparse.Namespace) -> int:
     layout = ""
     if args.style in ("kohya", "original") and base is not None and base.model is not None and written.resolved:
         # a diffusers config as --base: the original names / fused layout of its family (SDXL, Flux.1, Flux.2, SD3)
-        component = infer_component(base.model, list(written.modules))
-        regrouped = style_layout(written, base.model, component, args.style)
+        regrouped = style_layout(written, base.model, args.style)
         if regrouped.adapter.modules.keys() != written.modules.keys():
             layout = f"; in the original layout of {type(base.model).__name__}"
         for note in regrouped.notes:

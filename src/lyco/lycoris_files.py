@@ -9,7 +9,6 @@ from the tensors (:func:`lyco.formats.peft_config.fit_config`) and the model's o
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import warnings
@@ -21,7 +20,7 @@ from torch import nn
 from .errors import ArgumentError, FormatError
 from .formats.adapterfile import AdapterFile, ModuleAdapter
 from .formats.consumers import consumer_warnings, default_style, diffusion_model
-from .formats.fused import TABLES, FusedTable, fused_side, split, table_for
+from .formats.fused import fused_side, fused_view, regroup_under, split
 from .formats.keys import infer_component, kohya_text_encoders
 from .formats.lycoris import read_lycoris_file, resolve_adapter_file, style_layout, write_lycoris_file
 from .formats.metadata import base_model_metadata
@@ -100,7 +99,7 @@ def save_lycoris(
         af = af.in_consumer_layout()
     component = infer_component(model.model, list(af.modules))
     if style in ("kohya", "original"):  # the family's original names / fused layouts (SDXL: SGM; Flux.1, Flux.2, SD3)
-        af, notes = style_layout(af, model.model, component, style, base=_base_weights(model.model, af))
+        af, notes = style_layout(af, model.model, style, base=_base_weights(model.model, af))
         if notes:
             warnings.warn(f"{path}: the original fused layout holds these modules as Full deltas (exact):\n  "
                           + "\n  ".join(notes), stacklevel=2)  # fmt: skip
@@ -134,26 +133,15 @@ def _base_weights(root: nn.Module, af: AdapterFile) -> dict[str, torch.Tensor]:
     return out
 
 
-def _fused_view(root: nn.Module) -> tuple[str, nn.Module, FusedTable] | None:
-    """``(prefix, transformer, table)`` when ``root`` is a split diffusers transformer of a family with a fused original
-    layout (Flux.1, Flux.2, SD3, Z-Image), or a pipeline-like container holding one as ``transformer``."""
-    table = table_for(root)
-    if table is None:
-        return None
-    if type(root).__name__ in TABLES:
-        return "", root, table
-    inner = getattr(root, "transformer", None)
-    return ("transformer.", inner, table) if isinstance(inner, nn.Module) else None
-
-
 def _read(path: str | os.PathLike, root: nn.Module, prefix: str | None, strict: bool, allow_pickle: bool) -> AdapterFile:
     table = ModuleTable.from_module(root)
-    view = _fused_view(root)
-    side = fused_side(ModuleTable.from_module(view[1]), view[2]) if view is not None else None
-    if view is None or side is None:
+    view = fused_view(root)
+    inner = None if view is None else table if view.at == "" else ModuleTable.from_module(view.transformer)
+    side = fused_side(inner, view.table) if view is not None and inner is not None else None
+    if view is None or inner is None or side is None:
         af = read_lycoris_file(path, model=table, prefix=prefix, strict=strict, allow_pickle=allow_pickle)
     else:  # a split model (diffusers Flux, SD3…): a file in the original fused layout (kohya names) is split onto it
-        at, inner, ftable = view
+        at = view.at
         others = {n: t for n, t in table.others.items() if not n.startswith(at)}
         fused = ModuleTable({**{n: s for n, s in table.shapes.items() if not n.startswith(at)},
                              **{at + n: s for n, s in side.shapes.items()}}, others, source=side.source)  # fmt: skip
@@ -161,12 +149,9 @@ def _read(path: str | os.PathLike, root: nn.Module, prefix: str | None, strict: 
         as_split, as_fused = table.resolve(raw.modules, prefix), fused.resolve(raw.modules, prefix)
         if len(as_fused.found) > len(as_split.found):
             whole = resolve_adapter_file(raw, fused, prefix, strict, str(path))
-            mine = {n[len(at) :]: m for n, m in whole.modules.items() if n.startswith(at)}
-            regrouped = split(dataclasses.replace(whole, modules=mine), ModuleTable.from_module(inner), ftable)
-            rest = {n: m for n, m in whole.modules.items() if not n.startswith(at)}
-            af = dataclasses.replace(whole, modules={**rest, **{at + n: m for n, m in regrouped.adapter.modules.items()}})
-            if regrouped.notes:
-                warnings.warn(f"{path}: split onto the model as Full deltas (exact):\n  " + "\n  ".join(regrouped.notes),
+            af, notes = regroup_under(whole, at, lambda part: split(part, inner, view.table))
+            if notes:
+                warnings.warn(f"{path}: split onto the model as Full deltas (exact):\n  " + "\n  ".join(notes),
                               stacklevel=3)  # fmt: skip
         else:
             af = resolve_adapter_file(raw, table, prefix, strict, str(path))

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from torch import nn
 
 from ..errors import FormatError, ShapeMismatchError
 from ..methods.registry import all_methods
@@ -40,8 +41,8 @@ from .keys import model_components
 from .names import ModuleTable
 
 __all__ = [
-    "FLUX1", "FLUX2", "SD3", "ZIMAGE", "FusedLayout", "FusedTable", "Fusion", "Group", "Part", "Regrouped", "Segment", "fuse",
-    "fused_name", "fused_side", "resolve", "split", "split_name",
+    "FLUX1", "FLUX2", "SD3", "ZIMAGE", "FusedLayout", "FusedTable", "FusedView", "Fusion", "Group", "Part", "Regrouped",
+    "Segment", "fuse", "fused_name", "fused_side", "fused_view", "regroup_under", "resolve", "split", "split_name",
 ]  # fmt: skip
 
 
@@ -593,6 +594,37 @@ def table_for(model: object) -> FusedTable | None:
     """The :class:`FusedTable` of ``model``'s family (the model, or its ``transformer``), ``None`` for the others.
     Chosen by the model's class: the tables partly match each other's models."""
     return next((TABLES[type(m).__name__] for m in model_components(model) if type(m).__name__ in TABLES), None)
+
+
+class FusedView(NamedTuple):
+    """Where a model's split transformer of a family with a fused original layout lives: ``at`` (``""``: the model is
+    that transformer; ``"transformer."``: a pipeline-like container holds it), the transformer, its table."""
+
+    at: str
+    transformer: nn.Module
+    table: FusedTable
+
+
+def fused_view(model: nn.Module) -> FusedView | None:
+    """The :class:`FusedView` of ``model`` (a Flux.1, Flux.2, SD3 or Z-Image transformer, or a container holding one
+    as ``transformer``); ``None`` for the other models."""
+    table = table_for(model)
+    if table is None:
+        return None
+    if type(model).__name__ in TABLES:
+        return FusedView("", model, table)
+    inner = getattr(model, "transformer", None)
+    return FusedView("transformer.", inner, table) if isinstance(inner, nn.Module) else None
+
+
+def regroup_under(af: AdapterFile, at: str, regroup: Callable[[AdapterFile], Regrouped]) -> Regrouped:
+    """``regroup`` (a :func:`fuse` or :func:`split`) applied to the modules of ``af`` under the prefix ``at`` (given
+    without it, put back after); the other modules (a container's text encoders) as they are."""
+    inside = {n[len(at) :]: m for n, m in af.modules.items() if n.startswith(at)}
+    regrouped = regroup(dataclasses.replace(af, modules=inside))
+    outside = {n: m for n, m in af.modules.items() if not n.startswith(at)}
+    modules = {**outside, **{at + n: m for n, m in regrouped.adapter.modules.items()}}
+    return Regrouped(dataclasses.replace(af, modules=modules), regrouped.notes)
 
 
 def fused_side(table: ModuleTable, fused: FusedTable = FLUX1) -> ModuleTable | None:

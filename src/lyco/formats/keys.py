@@ -176,17 +176,15 @@ def kohya_text_encoders(model: object) -> dict[str, str]:
     return slots
 
 
-def key_prefix(style: str, component: str, has_te2: bool = False, text_encoders: dict[str, str] | None = None) -> str:
-    """The key prefix ``style`` uses for ``component`` (``lora_te1_`` for the first of two text encoders;
-    ``text_encoders``: :func:`kohya_text_encoders` of the model, which decides the kohya slots when given)."""
+def key_prefix(style: str, component: str, text_encoders: dict[str, str] | None = None) -> str:
+    """The key prefix ``style`` uses for ``component`` (``text_encoders``: the kohya slot of each text-encoder
+    component, :func:`kohya_text_encoders`; a component without one is its own slot)."""
     if style == "lycoris":
         return "lycoris_"
     if style == "peft":
         return PEFT_PREFIX
     if style == "kohya":
-        if text_encoders and component in text_encoders:
-            return _KOHYA[text_encoders[component]]
-        return "lora_te1_" if component == "te" and has_te2 else _KOHYA[component]
+        return _KOHYA[(text_encoders or {}).get(component, component)]
     if style == "diffusers":
         return _DIFFUSERS.get(component, "transformer.")
     if style == "original":
@@ -239,6 +237,8 @@ def module_keys(
             f"the adapter spans several model components {sorted(comps)}; style {style!r}"
             f"{' with one prefix' if prefix is not None else ''} has a single namespace (use kohya or diffusers)"
         )
+    # kohya slots: the model's (sd-scripts' numbering), else by the names alone (lora_te1_ beside a te2)
+    slots = text_encoders or ({"te": "te1"} if "te2" in comps else {})
     out: dict[str, str] = {}
     for name, (comp, path, dotted) in parts.items():
         if dotted_style and not dotted:
@@ -246,7 +246,7 @@ def module_keys(
                 f"module {name!r} has an underscore path; writing {style} keys needs the dotted module names: "
                 "resolve them against the model (read_lycoris_file(..., model=...), or base_model=...)"
             )
-        pfx = prefix if prefix is not None else key_prefix(style, comp, "te2" in comps, text_encoders)
+        pfx = prefix if prefix is not None else key_prefix(style, comp, slots)
         out[name] = pfx + (path if dotted_style else underscore(path))
     clash = _first_clash(out)
     if clash:

@@ -13,7 +13,6 @@ Layers of this module: :func:`parse_state_dict` (tensors → unresolved :class:`
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -26,7 +25,7 @@ from ..errors import FormatError
 from ..methods.config import pattern_value
 from ..methods.registry import file_keys
 from .adapterfile import AdapterFile, ModuleAdapter
-from .fused import TABLES, Regrouped, fuse, table_for
+from .fused import Regrouped, fuse, fused_view, regroup_under
 from .io import PICKLE_SUFFIXES, as_path, read_metadata, read_tensors, warn_nonfinite, write_tensors
 from .keys import EXTRA_KEYS, UNSUPPORTED_KEYS, infer_component, match_convention, module_keys, split_key
 from .metadata import SDXL, base_model_version, file_metadata
@@ -300,17 +299,16 @@ def write_lycoris_file(
     write_tensors(path, tensors, file_metadata(af, metadata))
 
 
-def style_layout(
-    af: AdapterFile, model: nn.Module, component: str, style: str, base: dict[str, torch.Tensor] | None = None
-) -> Regrouped:
+def style_layout(af: AdapterFile, model: nn.Module, style: str, base: dict[str, torch.Tensor] | None = None) -> Regrouped:
     """``af`` (keyed by ``model``'s module paths) in the module layout ``style`` writes for ``model``'s family.
 
     ``kohya``: what sd-scripts writes — SDXL's original SGM names (:mod:`lyco.formats.sgm`; SD1/SD2 keep diffusers'
-    names, as sd-scripts does), the fused original layouts of Flux.1, Flux.2 and SD3 (:func:`lyco.formats.fused.fuse`,
-    ``component`` ``"transformer"``). ``original``: the original checkpoint's own names (ComfyUI's native
-    ``diffusion_model.`` keys, ai-toolkit's and diffusers' BFL layout) — SGM/LDM names for every diffusers UNet, the
-    same fused layouts. Other styles and models: unchanged. ``base``: the base weights an input-axis DoRA cut needs.
-    The notes name the modules written as Full deltas."""
+    names, as sd-scripts does), the fused original layouts of Flux.1, Flux.2, SD3 and Z-Image
+    (:func:`lyco.formats.fused.fuse`; a pipeline-like container's transformer under ``transformer.``), CLIP text
+    models with ``text_model.`` (:mod:`lyco.formats.textnames`). ``original``: the original checkpoint's own names
+    (ComfyUI's native ``diffusion_model.`` keys, ai-toolkit's and diffusers' BFL layout) — SGM/LDM names for every
+    diffusers UNet, the same fused layouts. Other styles and models: unchanged. ``base``: the base weights an
+    input-axis DoRA cut needs. The notes name the modules written as Full deltas."""
     if style not in ("kohya", "original"):
         return Regrouped(af, [])
     names = [name for name, _ in model.named_modules()]
@@ -318,14 +316,9 @@ def style_layout(
         af = af.renamed(clip_text_names(names))
     if (style == "kohya" and base_model_version(model) == SDXL) or (style == "original" and unet_roots(names)):
         return Regrouped(af.renamed(sgm_names(names)), [])
-    table = table_for(model)
-    inner, root = (model, "") if type(model).__name__ in TABLES else (getattr(model, "transformer", None), "transformer.")
-    if table is None or inner is None or (root == "" and component != "transformer"):
+    view = fused_view(model)
+    if view is None:
         return Regrouped(af, [])
-    # the transformer's modules (a pipeline-like container's under transformer.), fused; the others as they are
-    mine = {n[len(root) :]: m for n, m in af.modules.items() if n.startswith(root)}
-    regrouped = fuse(dataclasses.replace(af, modules=mine), ModuleTable.from_module(inner), table,
-                     base={n[len(root) :]: t for n, t in (base or {}).items() if n.startswith(root)})  # fmt: skip
-    rest = {n: m for n, m in af.modules.items() if not n.startswith(root)}
-    fused = {f"{root}{n}": m for n, m in regrouped.adapter.modules.items()}
-    return Regrouped(dataclasses.replace(af, modules={**rest, **fused}), regrouped.notes)
+    shapes = ModuleTable.from_module(view.transformer)
+    inner_base = {n[len(view.at) :]: t for n, t in (base or {}).items() if n.startswith(view.at)}
+    return regroup_under(af, view.at, lambda part: fuse(part, shapes, view.table, base=inner_base))
