@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import lyco
-from lyco.formats.consumers import DORA_OUTPUT_AXIS, LYCORIS_NAMES
+from lyco.formats.consumers import DORA_OUTPUT_AXIS, LYCORIS_DORA_IN, LYCORIS_NAMES
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -45,7 +45,8 @@ def test_the_default_style_is_the_one_the_model_familys_consumers_read(tmp_path)
     from safetensors import safe_open
 
     model = lyco.get_model(unet(), lyco.LoRAConfig(r=2, target_modules=["to_q"], weight_decompose=True, wd_on_out=False))
-    assert saved_warnings(model, tmp_path / "u.safetensors") == []  # kohya: nothing AUTOMATIC1111 would skip
+    (text,) = saved_warnings(model, tmp_path / "u.safetensors")  # kohya: nothing AUTOMATIC1111 would skip
+    assert text.count("module(s)") == 1 and LYCORIS_DORA_IN in text  # input-axis DoRA: lycoris-lora's reload only
     with safe_open(str(tmp_path / "u.safetensors"), "pt") as fh:
         assert all(k.startswith("lora_unet_") for k in fh.keys())  # noqa: SIM118 (safe_open has no __iter__)
     other = lyco.get_model(nn.Sequential(nn.Linear(8, 8)), lyco.LoRAConfig(r=2, target_modules=["0"]))
@@ -55,7 +56,7 @@ def test_the_default_style_is_the_one_the_model_familys_consumers_read(tmp_path)
 
 
 def test_files_every_consumer_applies_warn_nothing(tmp_path):
-    clean = lyco.get_model(unet(), lyco.LoRAConfig(r=2, target_modules=["to_q"], weight_decompose=True, wd_on_out=False))
+    clean = lyco.get_model(unet(), lyco.LoRAConfig(r=2, target_modules=["to_q", "conv1", "proj_in"]))
     assert saved_warnings(clean, tmp_path / "k.safetensors", style="kohya") == []
     other = nn.Sequential(nn.Linear(8, 8))  # not a diffusion model: ComfyUI / AUTOMATIC1111 are not its consumers
     model = lyco.get_model(other, lyco.LoRAConfig(r=2, target_modules=["0"], weight_decompose=True))
@@ -110,8 +111,9 @@ def test_inspect_reports_the_consumer_notes(tmp_path, capsys):
     assert len(notes) == 2 and "#11245" in notes[0] and notes[1] == LYCORIS_NAMES
     lyco.save_lycoris(model, tmp_path / "b.safetensors", style="kohya", consumer_safe=True)
     assert cli.main(["inspect", str(tmp_path / "b.safetensors")]) == 0
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if "ComfyUI:" in ln or "AUTOMATIC1111/Forge:" in ln]
-    assert len(lines) == 2 and all("loads fully (1 module(s))" in ln for ln in lines)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith(("ComfyUI:", "AUTOMATIC1111:", "Forge:"))
+             or "  ComfyUI:" in ln]  # fmt: skip
+    assert len(lines) == 3 and all("loads fully (1 module(s))" in ln for ln in lines), lines
 
 
 # -- the per-consumer report (lyco inspect) ---------------------------------------------------------------------
@@ -133,7 +135,7 @@ def report(model, path, **kwargs) -> dict:
 def test_report_kohya_sd1_file_loads_fully_everywhere_but_peft(tmp_path):
     model = lyco.get_model(unet(), lyco.LoRAConfig(r=2, target_modules=["to_q", "conv1", "proj_in"]))
     got = report(model, tmp_path / "a.safetensors")  # default style for a diffusers UNet: kohya
-    assert [c for c, v in got.items() if v["loads_fully"]] == ["ComfyUI", "AUTOMATIC1111/Forge",
+    assert [c for c, v in got.items() if v["loads_fully"]] == ["ComfyUI", "AUTOMATIC1111", "Forge",
                                                               "kohya sd-scripts / lycoris-lora", "diffusers"]  # fmt: skip
     assert got["PEFT"]["applied"] == 0 and "--to peft" in got["PEFT"]["summary"]
 
@@ -142,7 +144,7 @@ def test_report_lycoris_style_is_lost_in_automatic1111(tmp_path):
     model = lyco.get_model(unet(), lyco.LoRAConfig(r=2, target_modules=["to_q"]))
     got = report(model, tmp_path / "a.safetensors", style="lycoris")
     n = len(list(model.adapted_layers()))
-    assert got["AUTOMATIC1111/Forge"]["applied"] == 0 and len(got["AUTOMATIC1111/Forge"]["skipped"]) == n
+    assert got["AUTOMATIC1111"]["applied"] == 0 and len(got["AUTOMATIC1111"]["skipped"]) == n
     assert got["ComfyUI"]["loads_fully"] and got["kohya sd-scripts / lycoris-lora"]["loads_fully"]
 
 
@@ -153,7 +155,7 @@ def test_report_names_method_and_dora_shortfalls(tmp_path):
         lyco.LoRAConfig(r=2, target_modules=["to_k"], weight_decompose=True, wd_on_out=False),
     ])  # fmt: skip
     got = report(lyco.get_model(unet(), config), tmp_path / "a.safetensors")
-    comfy, a1111, kohya = got["ComfyUI"]["different"], got["AUTOMATIC1111/Forge"]["different"], got["kohya sd-scripts / lycoris-lora"]["different"]
+    comfy, a1111, kohya = got["ComfyUI"]["different"], got["AUTOMATIC1111"]["different"], got["kohya sd-scripts / lycoris-lora"]["different"]
     assert any("conv1" in k and "#11245" in v for k, v in comfy.items())
     assert {k for k in a1111} == {k for k in comfy if "to_q" in k}  # output-axis DoRA only
     assert kohya and all("to_k" in k for k in kohya)  # lycoris-lora reloads input-axis DoRA on the output axis

@@ -249,12 +249,13 @@ STYLE_KEYS = {  # style: (the fused-layout names the file must hold (a LoRA's), 
                "lora_unet_context_refiner_0_attention_qkv.alpha", "lora_unet_x_embedder.lora_down.weight",
                "lora_unet_final_layer_linear.lora_down.weight", "lora_unet_final_layer_adaLN_modulation_1.alpha",
                "lora_unet_noise_refiner_0_feed_forward_w3.lora_down.weight"], "lora_unet_"),
-    "original": (["diffusion_model.layers.0.attention.qkv.lora_down.weight",
-                  "diffusion_model.layers.1.attention.out.lora_up.weight",
-                  "diffusion_model.context_refiner.0.attention.qkv.alpha", "diffusion_model.x_embedder.lora_down.weight",
-                  "diffusion_model.final_layer.linear.lora_down.weight",
-                  "diffusion_model.final_layer.adaLN_modulation.1.alpha",
-                  "diffusion_model.noise_refiner.0.feed_forward.w3.lora_down.weight"], "diffusion_model."),
+    # original: ai-toolkit's / ComfyUI's native layout, PEFT's tensor names and the scale folded (no .alpha)
+    "original": (["diffusion_model.layers.0.attention.qkv.lora_A.weight",
+                  "diffusion_model.layers.1.attention.out.lora_B.weight",
+                  "diffusion_model.context_refiner.0.attention.qkv.lora_A.weight",
+                  "diffusion_model.x_embedder.lora_A.weight", "diffusion_model.final_layer.linear.lora_A.weight",
+                  "diffusion_model.final_layer.adaLN_modulation.1.lora_B.weight",
+                  "diffusion_model.noise_refiner.0.feed_forward.w3.lora_A.weight"], "diffusion_model."),
 }  # fmt: skip
 
 
@@ -284,6 +285,7 @@ def test_fused_styles_of_zimage_are_the_original_layout_and_reload(style, method
         else:
             assert {f"{q}.hada_w1_a" for q in qkv} <= keys
     assert all(k.startswith(prefix) for k in keys)
+    assert (style == "original") != any(k.endswith(".alpha") for k in keys)
     assert not any(s in k for k in keys for s in ("to_q", "to_k", "to_v", "to_out", "all_x_embedder", "all_final"))
     assert len({k.removesuffix(".weight").rsplit(".", 1)[0] for k in keys}) == len(fused_side(SHAPES, ZIMAGE).shapes)
 
@@ -294,7 +296,8 @@ def test_fused_styles_of_zimage_are_the_original_layout_and_reload(style, method
 
 def test_default_style_of_zimage_is_diffusers(tmp_path):
     """The default: ``transformer.`` + the diffusers model's dotted paths (split q, k, v), the scale folded into the
-    tensors and no ``.alpha`` (diffusers' own ``transformer.`` LoRA layout); it reloads with the same outputs."""
+    tensors, no ``.alpha`` and PEFT's tensor names (diffusers' own ``transformer.`` LoRA layout); it reloads with the
+    same outputs, in lyco and through diffusers' own loader (every module)."""
     model = adapted("lora")
     path = tmp_path / "default.safetensors"
     assert not [m for m in save(model, path, None) if "Full deltas" in m]
@@ -303,10 +306,13 @@ def test_default_style_of_zimage_is_diffusers(tmp_path):
     assert {k.rsplit(".", 2)[0] for k in sd} == {f"transformer.{n}" for n in LINEARS}
     af = adapter_file(model)
     for name in ("layers.0.attention.to_v", "all_final_layer.2-1.linear"):  # alpha 8 / r 4 and alpha 2 / r 4
-        up, down = sd[f"transformer.{name}.lora_up.weight"], sd[f"transformer.{name}.lora_down.weight"]
+        up, down = sd[f"transformer.{name}.lora_B.weight"], sd[f"transformer.{name}.lora_A.weight"]
         assert torch.allclose(up @ down, af.modules[name].delta_weight(), atol=EXACT, rtol=0), name
     loaded = lyco.load_lycoris(copy.deepcopy(BASE), path)
     torch.testing.assert_close(run(loaded), run(model), atol=ATOL, rtol=0)
+    theirs = diffusers_load(path, "pipeline")
+    assert {n for n, m in theirs.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)} == set(LINEARS)
+    torch.testing.assert_close(run(theirs), run(model), atol=ATOL, rtol=0)
 
 
 # -- the kohya file through diffusers' own Z-Image LoRA loader ---------------------------------------------------

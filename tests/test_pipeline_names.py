@@ -165,7 +165,8 @@ def test_a_transformers5_clip_reads_kohya_files_with_text_model_names(tmp_path):
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
 def test_original_style_of_a_unet_is_diffusion_model_and_ldm_names(arch, tmp_path):
-    """Style ``original``: ComfyUI's native keys (``diffusion_model.`` + the LDM/SGM checkpoint names), SD1 too."""
+    """Style ``original``: ComfyUI's native keys (``diffusion_model.`` + the LDM/SGM checkpoint names), SD1 too, in
+    ai-toolkit's spelling (``lora_A`` / ``lora_B``, the scale folded, no ``.alpha``)."""
     base = build(arch).unet
     model = lyco.get_model(copy.deepcopy(base), lyco.LoRAConfig(r=2, target_modules=leaves(base), init_weights=False))
     want = weights(copy.deepcopy(model).merge_and_unload())
@@ -174,13 +175,15 @@ def test_original_style_of_a_unet_is_diffusion_model_and_ldm_names(arch, tmp_pat
     keys = _module_stems(path)
     assert all(k.startswith("diffusion_model.") for k in keys)
     assert {"diffusion_model.input_blocks.0.0", "diffusion_model.middle_block.1.proj_in"} <= keys, sorted(keys)[:4]
+    with safe_open(str(path), "pt") as f:
+        assert "diffusion_model.input_blocks.0.0.lora_A.weight" in f.keys() and not any(k.endswith(".alpha") for k in f.keys())  # noqa: SIM118
     got = weights(lyco.load_lycoris(copy.deepcopy(base), path).merge_and_unload())
     assert max((got[k] - want[k]).abs().max().item() for k in want) < EXACT
 
 
 def _module_stems(path) -> set[str]:
     with safe_open(str(path), "pt") as f:
-        return {k.rsplit(".", 2)[0] if k.endswith(("lora_down.weight", "lora_up.weight")) else k.rsplit(".", 1)[0]
+        return {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0]
                 for k in list(f.keys())}  # fmt: skip
 
 

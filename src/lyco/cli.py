@@ -187,7 +187,8 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--consumer-safe", action="store_true",
         help="write every module in a layout ComfyUI and AUTOMATIC1111 apply as lyco does, where one with the "
-        "same ΔW exists (a LoKr CP core lokr_t2 becomes a plain low-rank lokr_w2_a/b)",
+        "same ΔW exists (a LoKr CP core lokr_t2 becomes a plain low-rank lokr_w2_a/b; the scale folded into the "
+        "tensors, no .alpha keys, which AUTOMATIC1111's SD3 loader needs)",
     )  # fmt: skip
     _common(p)
     p.set_defaults(func=_run_convert)
@@ -213,7 +214,8 @@ def _run_convert(args: argparse.Namespace) -> int:
         for note in regrouped.notes:
             print(f"lyco convert: note: {note}", file=sys.stderr)
         written = regrouped.adapter
-    out = write_adapter(written, args.dst, to=args.to, style=args.style, prefix=args.prefix)
+    fold = args.consumer_safe and target_format(args.dst, args.to) != "peft"
+    out = write_adapter(written, args.dst, to=args.to, style=args.style, prefix=args.prefix, fold_scale=fold)
     worst, n = compare_adapters(written, read_adapter(out, allow_pickle=False))
     print(f"wrote {out} ({target_format(out, args.to)}): {n} module(s), max relative ΔW difference {worst:.1e}{layout}")
     if worst >= 1e-5:

@@ -105,8 +105,8 @@ def save_lycoris(
                           + "\n  ".join(notes), stacklevel=2)  # fmt: skip
     metadata = {**base_model_metadata(model.model), **(metadata or {})}  # the user's values win
     write_lycoris_file(af, path, style=style, prefix=prefix, metadata=metadata, component=component,
-                       text_encoders=kohya_text_encoders(model.model))  # fmt: skip
-    if diffusion_model(model.model) and (notes := consumer_warnings(af, style)):
+                       text_encoders=kohya_text_encoders(model.model), fold_scale=consumer_safe)  # fmt: skip
+    if diffusion_model(model.model) and (notes := consumer_warnings(af, style, read_lycoris_file(path, prefix=prefix))):
         warnings.warn(f"{path}: written; known consumer shortfalls:\n  " + "\n  ".join(notes), stacklevel=2)
 
 

@@ -58,12 +58,14 @@ def write_adapter(
     style: str | None = None,
     prefix: str | None = None,
     metadata: dict[str, str] | None = None,
+    fold_scale: bool = False,
 ) -> Path:
     """Write ``af`` as a PEFT directory (``to="peft"``) or a LyCORIS/kohya file (``to="lycoris"``).
 
     ``to=None`` chooses from ``path`` (:func:`target_format`). ``style`` (key convention of a LyCORIS
     file: ``lycoris`` — the default —, ``kohya``, ``peft``, ``diffusers``), ``prefix`` and ``metadata``
-    (on top of the file's own and the recomputed ``ss_network_*``) only apply to files. Scale: the writers map alpha/r so that every module's ``delta_weight()`` is unchanged.
+    (on top of the file's own and the recomputed ``ss_network_*``) and ``fold_scale`` (no ``.alpha`` keys, the scale
+    in the tensors) only apply to files. Scale: the writers map alpha/r so that every module's ``delta_weight()`` is unchanged.
     Returns the path written.
     """
     if not isinstance(af, AdapterFile):
@@ -76,5 +78,5 @@ def write_adapter(
         return Path(path)
     if style is not None and style not in STYLES:
         raise FormatError(f"unknown key style {style!r} (known: {', '.join(STYLES)})")
-    write_lycoris_file(af, path, style=style or "lycoris", prefix=prefix, metadata=metadata)
+    write_lycoris_file(af, path, style=style or "lycoris", prefix=prefix, metadata=metadata, fold_scale=fold_scale)
     return Path(path)

@@ -52,11 +52,15 @@ def _module(source: str, stem: str, params: dict[str, torch.Tensor]) -> ModuleAd
         what = f"tensors of several algorithms {algos}" if methods else "an alpha but no weights"
         raise FormatError(f"{source}: module {stem!r} has {what}")
     method = methods.pop()
-    by_key = {p.file_key: p.name for p in method.tensor_params().values()}
+    own = method.tensor_params().values()  # its file keys, and its tensors' PEFT names (diffusers' own files)
+    by_key = {p.file_key: p.name for p in own} | {p.peft_name: p.name for p in own if p.identifies}
     foreign = sorted(k for k in params if k not in by_key and k not in EXTRA_KEYS)
     if foreign:
         raise FormatError(f"{source}: module {stem!r} ({method.algo}) also has {foreign}, which {method.display()} has not")
     tensors = {by_key[k]: t for k, t in params.items() if k in by_key}
+    if len(tensors) < sum(k in by_key for k in params):  # lora_down.weight and lora_A.weight both
+        twice = sorted(k for k in params if k in by_key and sum(by_key[j] == by_key[k] for j in params if j in by_key) > 1)
+        raise FormatError(f"{source}: module {stem!r} holds the same tensor under two names {twice}; keep one")
     method.check_module(set(tensors), f"{source}: module {stem!r}")
     alpha = float(params["alpha"].reshape(()).double()) if "alpha" in params else None
     if alpha == 0:  # kohya and lycoris-lora read a stored 0 as alpha = r; ComfyUI and AUTOMATIC1111 as scale 0
@@ -244,16 +248,23 @@ def lycoris_state_dict(
     prefix: str | None = None,
     component: str | None = None,
     text_encoders: dict[str, str] | None = None,
+    fold_scale: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The tensors of ``af`` under ``style``'s keys, each module with a 0-dim float32 ``.alpha`` unless its
     method stores none (Full) or the file is in diffusers' own layout (style ``diffusers`` with its component
-    prefixes: diffusers' loaders take alpha = r there, so the scale is folded into the tensors) (``r`` where none is stored; a module without rank gets its method's ``unranked_alpha``, read as scale 1 by every reader). A stored alpha
+    prefixes) or the original checkpoint's (style ``original``): diffusers' loaders of those layouts take alpha = r
+    and PEFT's tensor names (``lora_A.weight``), so the scale is folded into the tensors (``r`` where none is stored; a module without rank gets its method's ``unranked_alpha``, read as scale 1 by every reader). A stored alpha
     is never 0 (kohya and lycoris-lora read 0 as r, ComfyUI and AUTOMATIC1111 as 0): a module of scale 0 is
-    written with its tensors scaled by 0 and ``alpha = r``, which every reader applies alike."""
+    written with its tensors scaled by 0 and ``alpha = r``, which every reader applies alike. ``fold_scale``: every
+    module with its scale folded into the tensors and no ``.alpha`` (every reader scales such a module by 1;
+    AUTOMATIC1111's SD3 loader takes no other file)."""
     names = list(af.modules)
     comp = component if component is not None else infer_component(None, names)
     stems = module_keys(names, style, prefix=prefix, resolved=af.resolved, component=comp, text_encoders=text_encoders)
-    baked = style == "diffusers" and prefix is None  # component prefixes (transformer., unet.): diffusers' own layout
+    # diffusers' own layout (its component prefixes) and the original checkpoint's (ai-toolkit's, ComfyUI's native
+    # keys): PEFT's tensor names, the scale folded, no .alpha, as diffusers' loaders of those layouts want them
+    peft_names = (style == "diffusers" and prefix is None) or style == "original"
+    baked = peft_names or fold_scale
     out: dict[str, torch.Tensor] = {}
     for name, m in af.modules.items():
         stem = stems[name]
@@ -264,7 +275,10 @@ def lycoris_state_dict(
         params = m.method.tensor_params()
         tensors = m.method.peft_layout(m.tensors) if style == "peft" else m.tensors  # PEFT's Conv1d core layout
         for p, t in tensors.items():
-            out[f"{stem}.{params[p].file_key}"] = t.detach()
+            # diffusers' own layout names a method's tensors as PEFT does (lora_A.weight: diffusers' loaders read
+            # no lora_down there); DoRA's magnitude stays dora_scale (the layout ComfyUI reads)
+            key = params[p].peft_name if peft_names and params[p].identifies else params[p].file_key
+            out[f"{stem}.{key}"] = t.detach()
         if m.method.stores_alpha and not baked:
             # a module without rank: every reader scales it by 1; its method picks the alpha no reader misreads
             alpha = m.method.unranked_alpha(m.shapes()) if m.rank is None else m.alpha if m.alpha is not None else float(m.rank)
@@ -280,6 +294,7 @@ def write_lycoris_file(
     metadata: dict[str, str] | None = None,
     component: str | None = None,
     text_encoders: dict[str, str] | None = None,
+    fold_scale: bool = False,
 ) -> None:
     """Write ``af`` as one safetensors file, atomically (temp file + rename).
 
@@ -288,14 +303,16 @@ def write_lycoris_file(
     encoders, :func:`lyco.formats.keys.kohya_text_encoders`), ``peft`` (``base_model.model.<path>``), ``diffusers``
     (``transformer.`` / ``unet.`` / ``text_encoder.`` + dotted path) or ``original`` (``diffusion_model.`` + the
     dotted path: the original checkpoint's names once :func:`style_layout` has renamed the modules; ComfyUI's native
-    keys, ai-toolkit's layout). ``prefix`` overrides the style's prefix. Metadata: :func:`lyco.formats.metadata.file_metadata` (the adapter's own values,
+    keys, ai-toolkit's layout). ``prefix`` overrides the style's prefix; ``fold_scale``: no ``.alpha`` keys, the
+    scale in the tensors (:func:`lycoris_state_dict`). Metadata: :func:`lyco.formats.metadata.file_metadata` (the adapter's own values,
     the missing ``ss_network_*`` computed, then ``metadata``).
     """
     if str(as_path(path)).endswith(PICKLE_SUFFIXES):
         raise FormatError(f"{path}: lyco writes LyCORIS files as .safetensors only")
     if not af.modules:
         raise FormatError(f"{path}: the adapter has no modules to write")
-    tensors = lycoris_state_dict(af, style=style, prefix=prefix, component=component, text_encoders=text_encoders)
+    tensors = lycoris_state_dict(af, style=style, prefix=prefix, component=component, text_encoders=text_encoders,
+                                 fold_scale=fold_scale)  # fmt: skip
     write_tensors(path, tensors, file_metadata(af, metadata))
 
 

@@ -31,16 +31,22 @@ ARGS = "ss_network_args"
 # sdxl_model_util.MODEL_VERSION_SDXL_BASE_V1_0, flux_utils.MODEL_VERSION_FLUX_V1). AUTOMATIC1111 shows a file
 # on its Lora page for SDXL checkpoints only when the value starts with "sdxl_", for SD2 only with ss_v2 "True".
 SD1, SD2, SDXL, FLUX1 = "sd_v1", "sd_v2", "sdxl_base_v1-0", "flux1"
+SD3_MEDIUM, SD35_MEDIUM, SD35_LARGE = "medium", "5-medium", "5-large"  # sd3_utils.analyze_state_dict_state
 
 
 def base_model_version(model: object) -> str | None:
     """kohya's name for the architecture of ``model`` (a diffusers UNet / Flux transformer, or an object holding
     one as ``unet`` / ``transformer``), from its config: SDXL (``addition_embed_type="text_time"``), SD2 (text
-    features 1024), SD1 (768), Flux.1; ``None`` when it cannot tell (text encoders, other models)."""
+    features 1024), SD1 (768), Flux.1, SD3 (sd-scripts' model type: qk-norm makes it 3.5, dual attention layers
+    medium); ``None`` when it cannot tell (text encoders, other models)."""
     for inner in model_components(model):
         name, config = type(inner).__name__, getattr(inner, "config", None)
         if name == "FluxTransformer2DModel":
             return FLUX1
+        if name == "SD3Transformer2DModel" and config is not None:
+            if getattr(config, "qk_norm", None) is None:
+                return SD3_MEDIUM
+            return SD35_MEDIUM if getattr(config, "dual_attention_layers", ()) else SD35_LARGE
         if name == "UNet2DConditionModel" and config is not None:
             if getattr(config, "addition_embed_type", None) == "text_time":
                 return SDXL

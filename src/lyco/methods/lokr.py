@@ -84,6 +84,7 @@ class LoKrAdapter(Adapter):
 
     config_cls = LoKrConfig
     algo = "lokr"
+    diffusers_reads = frozenset({"flux2", "zimage"})  # Flux2 / ZImageLoraLoaderMixin (diffusers 0.42)
     title = "LoKr"
     params = (
         Param("lokr_w1", ndim=2), Param("lokr_w1_a", ndim=2), Param("lokr_w1_b", ndim=2), Param("lokr_w2", min_ndim=2),

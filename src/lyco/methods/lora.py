@@ -85,6 +85,7 @@ class LoRAAdapter(Adapter):
 
     config_cls = LoRAConfig
     algo = "lora"
+    diffusers_reads = None  # every architecture's loader converts LoRA files
     lycoris_algos = ("locon",)  # LyCORIS's name of the same module (LoRA with conv layers)
     title = "LoRA"
     plus_params = ("lora_up",)

@@ -142,6 +142,9 @@ class MethodSchema:
     unranked: ClassVar[str] = "no factored rank"  # what a module without rank is (files scale it by 1)
     stores_alpha: ClassVar[bool] = True  # files carry a 0-dim ``.alpha`` per module (False: never, e.g. Full)
     supports_dora: ClassVar[bool] = False  # modules may carry DoRA's ``dora_scale`` (:data:`DORA`)
+    # the architectures (lyco.formats.consumers: "sd1", "flux2" …) whose diffusers loaders read the method's files
+    # (``load_lora_weights``, diffusers 0.42.1); None: every one. Elsewhere diffusers refuses the whole file.
+    diffusers_reads: ClassVar[frozenset[str] | None] = frozenset()
 
     # -- declared tensors -------------------------------------------------------------------------
     @classmethod

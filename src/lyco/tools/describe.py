@@ -141,6 +141,7 @@ def describe(af: AdapterFile, path: str | os.PathLike, as_read: AdapterFile | No
         metadata=dict(sorted(af.metadata.items())),
         network_args=network_args,
         config=af.config,
-        consumer_notes=[] if Path(path).is_dir() else consumer_warnings(af, style=af.convention),
+        consumer_notes=[] if Path(path).is_dir() else consumer_warnings(
+            af, style=af.convention, written=None if (as_read or af).resolved else (as_read or af)),
         consumers=_consumers(as_read or af) if not (as_read or af).resolved or af.config is not None else {},
     )
