@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import lyco
-from lyco.formats.consumers import DORA_OUTPUT_AXIS, LYCORIS_DORA_IN, LYCORIS_NAMES
+from lyco.formats.consumers import DIFFUSERS_DORA, DORA_OUTPUT_AXIS, LYCORIS_DORA_IN, LYCORIS_NAMES
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -46,7 +46,8 @@ def test_the_default_style_is_the_one_the_model_familys_consumers_read(tmp_path)
 
     model = lyco.get_model(unet(), lyco.LoRAConfig(r=2, target_modules=["to_q"], weight_decompose=True, wd_on_out=False))
     (text,) = saved_warnings(model, tmp_path / "u.safetensors")  # kohya: nothing AUTOMATIC1111 would skip
-    assert text.count("module(s)") == 1 and LYCORIS_DORA_IN in text  # input-axis DoRA: lycoris-lora's reload only
+    # input-axis DoRA: lycoris-lora's reload (output axis) and diffusers' (no magnitude) only
+    assert text.count("module(s)") == 2 and LYCORIS_DORA_IN in text and DIFFUSERS_DORA in text
     with safe_open(str(tmp_path / "u.safetensors"), "pt") as fh:
         assert all(k.startswith("lora_unet_") for k in fh.keys())  # noqa: SIM118 (safe_open has no __iter__)
     other = lyco.get_model(nn.Sequential(nn.Linear(8, 8)), lyco.LoRAConfig(r=2, target_modules=["0"]))

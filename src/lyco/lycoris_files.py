@@ -89,9 +89,11 @@ def save_lycoris(
     ``ss_v2``: AUTOMATIC1111 lists a file for a checkpoint of that family by them); ``metadata`` overrides.
     For diffusers models a ``UserWarning`` names what a known consumer would not apply as lyco does
     (:func:`lyco.formats.consumers.consumer_warnings`: style ``lycoris`` in AUTOMATIC1111, output-axis DoRA in
-    ComfyUI and AUTOMATIC1111, LoKr CP cores in ComfyUI). ``consumer_safe=True`` writes every module in a layout
-    those consumers apply, where one exists with the same ΔW (a LoKr CP core becomes a plain low-rank ``w2``);
-    the file then reloads as that layout.
+    ComfyUI, Forge and AUTOMATIC1111, LoKr CP cores in ComfyUI, and what the file's own report finds a consumer of
+    its layout dropping, e.g. diffusers' kohya Flux converter and its top-level modules). ``consumer_safe=True``
+    writes every module in a layout those consumers apply, where one exists with the same ΔW (a LoKr CP core becomes
+    a plain low-rank ``w2``; the scale folded into the tensors and no ``.alpha``, which every reader scales by 1
+    and AUTOMATIC1111's SD3 loader requires); the file then reloads as that layout.
     """
     af = adapter_file(model, adapter_name)
     style = default_style(model.model) if style is None else style

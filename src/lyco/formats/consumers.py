@@ -8,6 +8,7 @@ findings come from the method (:meth:`~lyco.methods.schema.MethodSchema.consumer
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from .adapterfile import AdapterFile
@@ -98,24 +99,24 @@ _NO_MODEL = {A1111: {FLUX1: "Forge, ComfyUI", FLUX2: "ComfyUI", ZIMAGE: "ComfyUI
 _SGM = ("input_blocks_", "middle_block_", "output_blocks_", "label_emb_", "time_embed_")
 _DIFFUSERS_UNET = ("down_blocks_", "mid_block_", "up_blocks_", "add_embedding_", "time_embedding_", "conv_in", "conv_out")
 # module names (underscored, below the prefix) that a consumer drops for one architecture and key prefix, as run
-_DROPS: dict[tuple[str, str, str], tuple[tuple[str, ...], str]] = {
+_DROPS: dict[tuple[str, str, str], tuple[str, str]] = {  # (consumer, family, prefix): (regex on the name, why)
     (COMFYUI, FLUX2, "transformer."): (
-        ("double_stream_modulation_", "single_stream_modulation_", "time_guidance_embed_"),
+        r"double_stream_modulation_|single_stream_modulation_|time_guidance_embed_",
         "ComfyUI's map of Flux.2's diffusers names (comfy/utils.py flux_to_diffusers) has no entry for it: save with "
         "style 'kohya' or 'original'"),
     (DIFFUSERS, FLUX1, "lora_unet_"): (
-        ("img_in", "txt_in", "time_in_", "vector_in_", "guidance_in_", "final_layer_"),
+        r"img_in|txt_in|time_in_|vector_in_|guidance_in_|final_layer_",
         "diffusers' kohya Flux converter maps the blocks only: save with style 'diffusers' for it"),
     (DIFFUSERS, FLUX2, "lora_unet_"): (
-        ("double_stream_modulation_", "single_stream_modulation_", "guidance_in_", "final_layer_adaLN_modulation_"),
+        r"double_stream_modulation_|single_stream_modulation_|guidance_in_|final_layer_adaLN_modulation_",
         "diffusers' kohya Flux.2 converter drops it (a logged warning): save with style 'diffusers' for it"),
     (DIFFUSERS, ZIMAGE, "lora_unet_"): (
-        ("x_embedder", "final_layer_"),
+        r"x_embedder|final_layer_",
         "diffusers' Z-Image converter splits its name at every '_' and drops it: save with style 'diffusers'"),
     (DIFFUSERS, ZIMAGE, "diffusion_model."): (
-        ("x_embedder", "final_layer_", "layers_", "noise_refiner_", "context_refiner_"),
-        "diffusers' Z-Image converter drops it (fused attention.qkv, x_embedder, final_layer): save with style "
-        "'diffusers'"),
+        r"x_embedder|final_layer_|(layers|noise_refiner|context_refiner)_\d+_attention_(qkv|out)$",
+        "diffusers' Z-Image converter of diffusion_model. files drops it (x_embedder, final_layer, the attention's "
+        "qkv and out): save with style 'diffusers'"),
 }  # fmt: skip
 _T5 = {FLUX1: "text_encoder_2.", SD3: "text_encoder_3."}  # diffusers' pipelines load no LoRA into their T5
 T5_DROPPED = "diffusers' pipeline for this family loads no LoRA into its T5 text encoder"
@@ -123,8 +124,8 @@ SD3_KOHYA = "diffusers converts no kohya SD3 file (its keys reach the transforme
 A1111_SD3_KEYS = ("AUTOMATIC1111's SD3 loader fails on any key '<module>.<name>' without a second dot (.alpha, "
                   ".dora_scale, .hada_w1_a, .lokr_w1, .diff) and skips the whole file: it takes LoRA files without "
                   ".alpha only (save with consumer_safe=True: the scale folded, no .alpha)")  # fmt: skip
-DIFFUSERS_DORA = ("diffusers reads DoRA magnitudes (dora_scale) in kohya files only: here it loads the LoRA without "
-                  "its magnitude")  # fmt: skip
+DIFFUSERS_DORA = ("diffusers loads a DoRA module of these files as a plain LoRA (use_dora off): its magnitude "
+                  "(dora_scale) is dropped")  # fmt: skip
 FLUX2_FINAL_SWAP = ("diffusers' BFL Flux.2 adapter converter renames final_layer.adaLN_modulation.1 without the halves "
                     "swap of its checkpoint converter: shift and scale are exchanged")  # fmt: skip
 LYCORIS_DORA_IN = "lycoris-lora 4.1.3 reloads DoRA on the output axis only (this one is input-axis)"
@@ -261,7 +262,7 @@ def _skip_reason(consumer: str, arch: str | None, prefix: str, path: str, m) -> 
     if prefix not in mapped:
         return f"keys {prefix or '(no prefix)'}… are not mapped there (use lyco's style 'kohya')"
     drops = _DROPS.get((consumer, arch, prefix))
-    if drops is not None and path.startswith(drops[0]):
+    if drops is not None and re.match(drops[0], path):
         return drops[1]
     if consumer == DIFFUSERS and arch in _T5 and prefix == _T5[arch]:
         return T5_DROPPED
@@ -290,9 +291,9 @@ def _different(consumer: str, arch: str | None, prefix: str, path: str, m) -> st
         issues.append(DORA_OUTPUT_AXIS)
     if consumer == KOHYA and m.dora is not None and not m.dora_on_out(m.weight_shape):
         issues.append(LYCORIS_DORA_IN)
-    if consumer == DIFFUSERS and m.dora is not None and not prefix.startswith("lora_"):
+    if consumer == DIFFUSERS and m.dora is not None:
         issues.append(DIFFUSERS_DORA)
-    if consumer == DIFFUSERS and arch == FLUX2 and prefix == "diffusion_model." and path.startswith("final_layer_"):
+    if consumer == DIFFUSERS and arch == FLUX2 and prefix == "diffusion_model." and path.startswith("final_layer_adaLN_"):
         issues.append(FLUX2_FINAL_SWAP)
     return "; ".join(issues) or None
 
