@@ -162,31 +162,33 @@ def test_file_architecture_of_lyco_files(arch, style, tmp_path):
     assert file_architecture(bare) == arch
 
 
-def test_consumer_safe_sd3_lora_is_the_layout_automatic1111_reads(tmp_path):
-    """AUTOMATIC1111's SD3 loader fails on any ``<module>.alpha`` key and skips the whole file (run on its code:
-    the closing note); ``consumer_safe=True`` writes the same ΔW with the scale folded and no ``.alpha``."""
-    model = saved("sd3", "lora", None, tmp_path / "plain.safetensors")  # default style for SD3: kohya
-    plain = consumer_report(read_lycoris_file(tmp_path / "plain.safetensors"))[A1111]
-    assert plain.applied == 0 and set(plain.skipped.values()) == {A1111_SD3_KEYS}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        lyco.save_lycoris(model, tmp_path / "safe.safetensors", consumer_safe=True)
-    keys = load_file(tmp_path / "safe.safetensors")
+@pytest.mark.parametrize("consumer_safe", [False, True])
+def test_sd3_lora_is_written_in_the_layout_automatic1111_reads(consumer_safe, tmp_path):
+    """AUTOMATIC1111's SD3 loader fails on any ``<module>.alpha`` key and skips the whole file (run on its code: the
+    closing note); SD3's files (by default, and with ``consumer_safe``) have the scale folded and no ``.alpha``; a
+    file with alphas is reported as refused there."""
+    model = saved("sd3", "lora", None, tmp_path / "a.safetensors", consumer_safe=consumer_safe)  # default: kohya
+    keys = load_file(tmp_path / "a.safetensors")
     assert keys and not any(k.endswith(".alpha") for k in keys) and all(k.count(".") == 2 for k in keys)
-    assert consumer_report(read_lycoris_file(tmp_path / "safe.safetensors"))[A1111].loads_fully
+    assert all(k.startswith("lora_unet_") for k in keys)
+    assert consumer_report(read_lycoris_file(tmp_path / "a.safetensors"))[A1111].loads_fully
     names = [n for n, _ in model.adapted_layers()]
     merged = copy.deepcopy(model).merge_and_unload()
     torch.manual_seed(0)
-    reloaded = lyco.load_lycoris(ARCHS["sd3"][0]().eval(), tmp_path / "safe.safetensors").merge_and_unload()
+    reloaded = lyco.load_lycoris(ARCHS["sd3"][0]().eval(), tmp_path / "a.safetensors").merge_and_unload()
     for n in names:
         torch.testing.assert_close(reloaded.get_submodule(n).weight, merged.get_submodule(n).weight, atol=ATOL, rtol=0)
+    with_alpha = {**keys, "lora_unet_x_embedder_proj.alpha": torch.tensor(2.0)}
+    af = lyco.formats.lycoris.parse_state_dict(with_alpha, metadata={"ss_base_model_version": "medium"})
+    refused = consumer_report(af)[A1111]
+    assert refused.applied == 0 and set(refused.skipped.values()) == {A1111_SD3_KEYS}
 
 
 def test_save_names_the_modules_a_consumer_of_the_style_drops(tmp_path):
-    """Flux.1's default (kohya) file: diffusers' kohya converter keeps the blocks only; SD3's: AUTOMATIC1111 refuses
-    it (``.alpha``) and diffusers converts no kohya SD3 file — each named with its modules when saving."""
+    """Flux.1's default (kohya) file: diffusers' kohya converter keeps the blocks only; SD3's: diffusers converts no
+    kohya SD3 file — each named with its modules when saving."""
     for arch, needles in (("flux1", ["diffusers' kohya Flux converter maps the blocks only", "lora_unet_final_layer_linear"]),
-                          ("sd3", [A1111_SD3_KEYS, "diffusers converts no kohya SD3 file"])):  # fmt: skip
+                          ("sd3", ["diffusers converts no kohya SD3 file"])):  # fmt: skip
         make = ARCHS[arch][0]
         base = make().eval()
         model = lyco.get_model(base, METHODS["lora"](leaves(base)))

@@ -72,6 +72,17 @@ def default_style(model: object) -> str:
     return "kohya" if diffusion_model(model) else "lycoris"
 
 
+# Families one of whose consumers refuses a file with .alpha keys: AUTOMATIC1111's SD3 loader (any key
+# '<module>.alpha' fails the whole file). Their files are written with the scale folded and no .alpha by default,
+# which every other reader scales by 1 too.
+_FAMILY_FOLDS = {"SD3Transformer2DModel"}
+
+
+def folds_scale(model: object) -> bool:
+    """Whether ``model``'s files are written without ``.alpha`` keys by default (the scale in the tensors)."""
+    return any(type(inner).__name__ in _FAMILY_FOLDS for inner in model_components(model))
+
+
 # -- the compatibility report (lyco inspect): per consumer, which modules it matches and applies as lyco does ---
 COMFYUI, A1111, FORGE, KOHYA, DIFFUSERS, PEFT = (
     "ComfyUI", "AUTOMATIC1111", "Forge", "kohya sd-scripts / lycoris-lora", "diffusers", "PEFT")  # fmt: skip
@@ -103,6 +114,9 @@ _DROPS: dict[tuple[str, str, str], tuple[str, str]] = {  # (consumer, family, pr
     (COMFYUI, FLUX2, "transformer."): (
         r"double_stream_modulation_|single_stream_modulation_|time_guidance_embed_",
         "ComfyUI's map of Flux.2's diffusers names (comfy/utils.py flux_to_diffusers) has no entry for it: save with "
+        "style 'kohya' or 'original'"),
+    (FORGE, SD3, "transformer."): (
+        r"", "Forge's map of SD3's diffusers names is commented out (comfyui_lora_collection/lora.py): save with "
         "style 'kohya' or 'original'"),
     (DIFFUSERS, FLUX1, "lora_unet_"): (
         r"img_in|txt_in|time_in_|vector_in_|guidance_in_|final_layer_",
