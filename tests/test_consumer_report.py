@@ -23,8 +23,11 @@ from conftest import tiny_zimage
 from lyco.formats.consumers import (
     A1111,
     A1111_SD3_KEYS,
+    COMFYUI,
     DIFFUSERS,
     DIFFUSERS_DORA,
+    LYCORIS,
+    SDSCRIPTS,
     consumer_report,
     file_architecture,
 )  # fmt: skip
@@ -162,33 +165,36 @@ def test_file_architecture_of_lyco_files(arch, style, tmp_path):
     assert file_architecture(bare) == arch
 
 
-@pytest.mark.parametrize("consumer_safe", [False, True])
-def test_sd3_lora_is_written_in_the_layout_automatic1111_reads(consumer_safe, tmp_path):
+def test_fold_scale_writes_the_sd3_lora_automatic1111_reads(tmp_path):
     """AUTOMATIC1111's SD3 loader fails on any ``<module>.alpha`` key and skips the whole file (run on its code: the
-    closing note); SD3's files (by default, and with ``consumer_safe``) have the scale folded and no ``.alpha``; a
-    file with alphas is reported as refused there."""
-    model = saved("sd3", "lora", None, tmp_path / "a.safetensors", consumer_safe=consumer_safe)  # default: kohya
-    keys = load_file(tmp_path / "a.safetensors")
+    closing note), while kohya sd-scripts' Flux / SD3 loaders and lycoris-lora raise on a module without one: the
+    default file (with alphas) is reported refused by the first, ``fold_scale=True`` (the scale in the tensors, no
+    ``.alpha``) by the others — the same ΔW either way."""
+    model = saved("sd3", "lora", None, tmp_path / "a.safetensors")  # default style for SD3: kohya
+    plain = consumer_report(read_lycoris_file(tmp_path / "a.safetensors"))
+    assert plain[A1111].applied == 0 and set(plain[A1111].skipped.values()) == {A1111_SD3_KEYS}
+    assert plain[SDSCRIPTS].loads_fully and plain[LYCORIS].loads_fully
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lyco.save_lycoris(model, tmp_path / "b.safetensors", fold_scale=True)
+    keys = load_file(tmp_path / "b.safetensors")
     assert keys and not any(k.endswith(".alpha") for k in keys) and all(k.count(".") == 2 for k in keys)
-    assert all(k.startswith("lora_unet_") for k in keys)
-    assert consumer_report(read_lycoris_file(tmp_path / "a.safetensors"))[A1111].loads_fully
+    folded = consumer_report(read_lycoris_file(tmp_path / "b.safetensors"))
+    assert folded[A1111].loads_fully and folded[COMFYUI].loads_fully
+    assert {c for c in (SDSCRIPTS, LYCORIS) if folded[c].applied == 0} == {SDSCRIPTS, LYCORIS}
     names = [n for n, _ in model.adapted_layers()]
     merged = copy.deepcopy(model).merge_and_unload()
     torch.manual_seed(0)
-    reloaded = lyco.load_lycoris(ARCHS["sd3"][0]().eval(), tmp_path / "a.safetensors").merge_and_unload()
+    reloaded = lyco.load_lycoris(ARCHS["sd3"][0]().eval(), tmp_path / "b.safetensors").merge_and_unload()
     for n in names:
         torch.testing.assert_close(reloaded.get_submodule(n).weight, merged.get_submodule(n).weight, atol=ATOL, rtol=0)
-    with_alpha = {**keys, "lora_unet_x_embedder_proj.alpha": torch.tensor(2.0)}
-    af = lyco.formats.lycoris.parse_state_dict(with_alpha, metadata={"ss_base_model_version": "medium"})
-    refused = consumer_report(af)[A1111]
-    assert refused.applied == 0 and set(refused.skipped.values()) == {A1111_SD3_KEYS}
 
 
 def test_save_names_the_modules_a_consumer_of_the_style_drops(tmp_path):
-    """Flux.1's default (kohya) file: diffusers' kohya converter keeps the blocks only; SD3's: diffusers converts no
-    kohya SD3 file — each named with its modules when saving."""
+    """Flux.1's default (kohya) file: diffusers' kohya converter keeps the blocks only; SD3's: AUTOMATIC1111 refuses
+    it (``.alpha``) and diffusers converts no kohya SD3 file — each named with its modules when saving."""
     for arch, needles in (("flux1", ["diffusers' kohya Flux converter maps the blocks only", "lora_unet_final_layer_linear"]),
-                          ("sd3", ["diffusers converts no kohya SD3 file"])):  # fmt: skip
+                          ("sd3", [A1111_SD3_KEYS, "diffusers converts no kohya SD3 file"])):  # fmt: skip
         make = ARCHS[arch][0]
         base = make().eval()
         model = lyco.get_model(base, METHODS["lora"](leaves(base)))
@@ -219,3 +225,19 @@ def test_diffusers_own_lora_file_loads_into_lyco(tmp_path):
         want = theirs.get_base_layer().weight + theirs.get_delta_weight("default")
         got = copy.deepcopy(loaded).merge_and_unload().get_submodule(n).weight
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+def test_cli_convert_fold_scale(tmp_path, capsys):
+    """``lyco convert --fold-scale``: the same ΔW (convert reads the result back), no ``.alpha`` key; a PEFT
+    directory has no such layout (an error, nothing written)."""
+    from lyco import cli
+
+    saved("sd3", "lora", None, tmp_path / "a.safetensors")
+    assert cli.main(["convert", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--style", "kohya",
+                     "--fold-scale"]) == 0  # fmt: skip
+    assert "max relative ΔW difference" in capsys.readouterr().out
+    keys = load_file(tmp_path / "b.safetensors")
+    assert keys and not any(k.endswith(".alpha") for k in keys)
+    assert consumer_report(read_lycoris_file(tmp_path / "b.safetensors"))[A1111].loads_fully
+    assert cli.main(["convert", str(tmp_path / "a.safetensors"), str(tmp_path / "dir"), "--to", "peft", "--fold-scale"]) == 1
+    assert "--fold-scale" in capsys.readouterr().err and not (tmp_path / "dir").exists()

@@ -10,7 +10,13 @@ import torch
 from torch import nn
 
 import lyco
-from lyco.formats.consumers import DIFFUSERS_DORA, DORA_OUTPUT_AXIS, LYCORIS_DORA_IN, LYCORIS_NAMES
+from lyco.formats.consumers import (
+    DIFFUSERS_DORA,
+    DORA_OUTPUT_AXIS,
+    LYCORIS_DORA_IN,
+    LYCORIS_NAMES,
+    SDSCRIPTS_DORA,
+)
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -46,8 +52,8 @@ def test_the_default_style_is_the_one_the_model_familys_consumers_read(tmp_path)
 
     model = lyco.get_model(unet(), lyco.LoRAConfig(r=2, target_modules=["to_q"], weight_decompose=True, wd_on_out=False))
     (text,) = saved_warnings(model, tmp_path / "u.safetensors")  # kohya: nothing AUTOMATIC1111 would skip
-    # input-axis DoRA: lycoris-lora's reload (output axis) and diffusers' (no magnitude) only
-    assert text.count("module(s)") == 2 and LYCORIS_DORA_IN in text and DIFFUSERS_DORA in text
+    # input-axis DoRA: lycoris-lora's reload (output axis), diffusers' and sd-scripts' own (no magnitude) only
+    assert text.count("module(s)") == 3 and all(s in text for s in (LYCORIS_DORA_IN, DIFFUSERS_DORA, SDSCRIPTS_DORA))
     with safe_open(str(tmp_path / "u.safetensors"), "pt") as fh:
         assert all(k.startswith("lora_unet_") for k in fh.keys())  # noqa: SIM118 (safe_open has no __iter__)
     other = lyco.get_model(nn.Sequential(nn.Linear(8, 8)), lyco.LoRAConfig(r=2, target_modules=["0"]))
@@ -136,8 +142,8 @@ def report(model, path, **kwargs) -> dict:
 def test_report_kohya_sd1_file_loads_fully_everywhere_but_peft(tmp_path):
     model = lyco.get_model(unet(), lyco.LoRAConfig(r=2, target_modules=["to_q", "conv1", "proj_in"]))
     got = report(model, tmp_path / "a.safetensors")  # default style for a diffusers UNet: kohya
-    assert [c for c, v in got.items() if v["loads_fully"]] == ["ComfyUI", "AUTOMATIC1111", "Forge",
-                                                              "kohya sd-scripts / lycoris-lora", "diffusers"]  # fmt: skip
+    assert [c for c, v in got.items() if v["loads_fully"]] == ["ComfyUI", "AUTOMATIC1111", "Forge", "kohya sd-scripts",
+                                                              "lycoris-lora", "diffusers"]  # fmt: skip
     assert got["PEFT"]["applied"] == 0 and "--to peft" in got["PEFT"]["summary"]
 
 
@@ -146,7 +152,7 @@ def test_report_lycoris_style_is_lost_in_automatic1111(tmp_path):
     got = report(model, tmp_path / "a.safetensors", style="lycoris")
     n = len(list(model.adapted_layers()))
     assert got["AUTOMATIC1111"]["applied"] == 0 and len(got["AUTOMATIC1111"]["skipped"]) == n
-    assert got["ComfyUI"]["loads_fully"] and got["kohya sd-scripts / lycoris-lora"]["loads_fully"]
+    assert got["ComfyUI"]["loads_fully"] and got["lycoris-lora"]["loads_fully"]
 
 
 def test_report_names_method_and_dora_shortfalls(tmp_path):
@@ -156,7 +162,7 @@ def test_report_names_method_and_dora_shortfalls(tmp_path):
         lyco.LoRAConfig(r=2, target_modules=["to_k"], weight_decompose=True, wd_on_out=False),
     ])  # fmt: skip
     got = report(lyco.get_model(unet(), config), tmp_path / "a.safetensors")
-    comfy, a1111, kohya = got["ComfyUI"]["different"], got["AUTOMATIC1111"]["different"], got["kohya sd-scripts / lycoris-lora"]["different"]
+    comfy, a1111, kohya = got["ComfyUI"]["different"], got["AUTOMATIC1111"]["different"], got["lycoris-lora"]["different"]
     assert any("conv1" in k and "#11245" in v for k, v in comfy.items())
     assert {k for k in a1111} == {k for k in comfy if "to_q" in k}  # output-axis DoRA only
     assert kohya and all("to_k" in k for k in kohya)  # lycoris-lora reloads input-axis DoRA on the output axis

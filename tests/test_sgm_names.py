@@ -133,11 +133,13 @@ def test_inspect_report_of_sdxl_files_matches_the_automatic1111_run(tmp_path):
     write_lycoris_file(adapter_file(model), tmp_path / "old.safetensors", style="kohya", component="unet")  # diffusers names
     sgm = consumer_report(read_lycoris_file(tmp_path / "sgm.safetensors"))
     old = consumer_report(read_lycoris_file(tmp_path / "old.safetensors"))
-    assert sgm["AUTOMATIC1111"].loads_fully and sgm["kohya sd-scripts / lycoris-lora"].loads_fully
+    assert sgm["AUTOMATIC1111"].loads_fully and sgm["lycoris-lora"].loads_fully
+    assert set(sgm["kohya sd-scripts"].skipped) == {"lora_unet_input_blocks_0_0", "lora_unet_label_emb_0_0",
+        "lora_unet_label_emb_0_2", "lora_unet_out_2", "lora_unet_time_embed_0", "lora_unet_time_embed_2"}  # fmt: skip
     assert sorted(old["AUTOMATIC1111"].skipped) == [
         "lora_unet_add_embedding_linear_1", "lora_unet_add_embedding_linear_2", "lora_unet_up_blocks_0_upsamplers_0_conv"]  # fmt: skip
     assert old["AUTOMATIC1111"].applied == 120
-    assert old["kohya sd-scripts / lycoris-lora"].applied == 0
+    assert old["kohya sd-scripts"].applied == 0 and old["lycoris-lora"].applied == 0
 
 
 def test_cli_convert_to_kohya_with_a_diffusers_config_writes_sgm_names(tmp_path, capsys):

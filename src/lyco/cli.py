@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from . import __version__
 from .cli_output import print_errors, print_report, progress_bar
-from .errors import LycoError
+from .errors import ArgumentError, LycoError
 from .formats.adapterfile import AdapterFile
 from .formats.dispatch import FORMATS, STYLES, read_adapter, target_format, write_adapter
 from .ops.hadamard import LOHA_STEPS
@@ -187,8 +187,13 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--consumer-safe", action="store_true",
         help="write every module in a layout ComfyUI and AUTOMATIC1111 apply as lyco does, where one with the "
-        "same ΔW exists (a LoKr CP core lokr_t2 becomes a plain low-rank lokr_w2_a/b; the scale folded into the "
-        "tensors, no .alpha keys, which AUTOMATIC1111's SD3 loader needs)",
+        "same ΔW exists (a LoKr CP core lokr_t2 becomes a plain low-rank lokr_w2_a/b)",
+    )  # fmt: skip
+    p.add_argument(
+        "--fold-scale", action="store_true",
+        help="fold each module's scale into its tensors and write no .alpha keys: the only LoRA file "
+        "AUTOMATIC1111's SD3 loader takes (ComfyUI, Forge, diffusers read it too; sd-scripts' Flux / SD3 loaders "
+        "and lycoris-lora refuse it)",
     )  # fmt: skip
     _common(p)
     p.set_defaults(func=_run_convert)
@@ -200,6 +205,9 @@ def _run_convert(args: argparse.Namespace) -> int:
     from .tools.base_weights import index_base
     from .tools.convert import compare_adapters, prepare
 
+    if args.fold_scale and target_format(args.dst, args.to) == "peft":
+        raise ArgumentError("--fold-scale applies to LyCORIS/kohya files, not PEFT directories (PEFT keeps alpha in "
+                            "adapter_config.json)")
     base = index_base(args.base) if args.base else None
     af = prepare(_read(args.src, args), base, target_format(args.dst, args.to))
     written = af
@@ -214,8 +222,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         for note in regrouped.notes:
             print(f"lyco convert: note: {note}", file=sys.stderr)
         written = regrouped.adapter
-    fold = args.consumer_safe and target_format(args.dst, args.to) != "peft"
-    out = write_adapter(written, args.dst, to=args.to, style=args.style, prefix=args.prefix, fold_scale=fold)
+    out = write_adapter(written, args.dst, to=args.to, style=args.style, prefix=args.prefix, fold_scale=args.fold_scale)
     worst, n = compare_adapters(written, read_adapter(out, allow_pickle=False))
     print(f"wrote {out} ({target_format(out, args.to)}): {n} module(s), max relative ΔW difference {worst:.1e}{layout}")
     if worst >= 1e-5:

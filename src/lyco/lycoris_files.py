@@ -19,7 +19,7 @@ from torch import nn
 
 from .errors import ArgumentError, FormatError
 from .formats.adapterfile import AdapterFile, ModuleAdapter
-from .formats.consumers import consumer_warnings, default_style, diffusion_model, folds_scale
+from .formats.consumers import consumer_warnings, default_style, diffusion_model
 from .formats.fused import fused_side, fused_view, regroup_under, split
 from .formats.keys import infer_component, kohya_text_encoders
 from .formats.lycoris import read_lycoris_file, resolve_adapter_file, style_layout, write_lycoris_file
@@ -77,6 +77,7 @@ def save_lycoris(
     metadata: dict[str, str] | None = None,
     style: str | None = None,
     consumer_safe: bool = False,
+    fold_scale: bool = False,
 ) -> None:
     """Save one adapter of ``model`` as a LyCORIS/kohya file (see :func:`lyco.formats.write_lycoris_file`
     for ``style``). Default style: what the model family's consumers read (:func:`lyco.formats.consumers.default_style`:
@@ -92,9 +93,9 @@ def save_lycoris(
     ComfyUI, Forge and AUTOMATIC1111, LoKr CP cores in ComfyUI, and what the file's own report finds a consumer of
     its layout dropping, e.g. diffusers' kohya Flux converter and its top-level modules). ``consumer_safe=True``
     writes every module in a layout those consumers apply, where one exists with the same ΔW (a LoKr CP core becomes
-    a plain low-rank ``w2``; the scale folded into the tensors and no ``.alpha``, which every reader scales by 1
-    and AUTOMATIC1111's SD3 loader requires — SD3's files are written so by default); the file then reloads as
-    that layout.
+    a plain low-rank ``w2``); the file then reloads as that layout. ``fold_scale=True``: the scale folded into the
+    tensors and no ``.alpha`` keys — the one file AUTOMATIC1111's SD3 loader takes (a LoRA), which ComfyUI, Forge
+    and diffusers read as well but kohya sd-scripts' Flux / SD3 loaders and lycoris-lora refuse.
     """
     af = adapter_file(model, adapter_name)
     style = default_style(model.model) if style is None else style
@@ -108,8 +109,7 @@ def save_lycoris(
                           + "\n  ".join(notes), stacklevel=2)  # fmt: skip
     metadata = {**base_model_metadata(model.model), **(metadata or {})}  # the user's values win
     write_lycoris_file(af, path, style=style, prefix=prefix, metadata=metadata, component=component,
-                       text_encoders=kohya_text_encoders(model.model),
-                       fold_scale=consumer_safe or folds_scale(model.model))  # fmt: skip
+                       text_encoders=kohya_text_encoders(model.model), fold_scale=fold_scale)  # fmt: skip
     if diffusion_model(model.model) and (notes := consumer_warnings(af, style, read_lycoris_file(path, prefix=prefix))):
         warnings.warn(f"{path}: written; known consumer shortfalls:\n  " + "\n  ".join(notes), stacklevel=2)
 

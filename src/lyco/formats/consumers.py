@@ -16,12 +16,12 @@ from .keys import match_convention, model_components
 
 DORA_OUTPUT_AXIS = (
     "ComfyUI and Forge divide an output-axis DoRA magnitude by ‖W‖ instead of ‖W + s·ΔW‖ and AUTOMATIC1111 always "
-    "takes input-column norms, so they apply another ΔW than lyco, lycoris-lora and PEFT; train with wd_on_out=False "
+    "takes input-column norms, so they apply another ΔW than lyco, lycoris-lora and PEFT — train with wd_on_out=False "
     "(input axis: they all apply it exactly) for files meant for them"
 )
 LYCORIS_NAMES = (
     "AUTOMATIC1111 maps only kohya key names (lora_unet_…, lora_te_…): a file in style 'lycoris' changes nothing "
-    "there; save with style='kohya' for it"
+    "there — save with style='kohya' for it"
 )
 
 
@@ -72,34 +72,25 @@ def default_style(model: object) -> str:
     return "kohya" if diffusion_model(model) else "lycoris"
 
 
-# Families one of whose consumers refuses a file with .alpha keys: AUTOMATIC1111's SD3 loader (any key
-# '<module>.alpha' fails the whole file). Their files are written with the scale folded and no .alpha by default,
-# which every other reader scales by 1 too.
-_FAMILY_FOLDS = {"SD3Transformer2DModel"}
-
-
-def folds_scale(model: object) -> bool:
-    """Whether ``model``'s files are written without ``.alpha`` keys by default (the scale in the tensors)."""
-    return any(type(inner).__name__ in _FAMILY_FOLDS for inner in model_components(model))
-
-
 # -- the compatibility report (lyco inspect): per consumer, which modules it matches and applies as lyco does ---
-COMFYUI, A1111, FORGE, KOHYA, DIFFUSERS, PEFT = (
-    "ComfyUI", "AUTOMATIC1111", "Forge", "kohya sd-scripts / lycoris-lora", "diffusers", "PEFT")  # fmt: skip
-CONSUMERS = (COMFYUI, A1111, FORGE, KOHYA, DIFFUSERS, PEFT)
+COMFYUI, A1111, FORGE, SDSCRIPTS, LYCORIS, DIFFUSERS, PEFT = (
+    "ComfyUI", "AUTOMATIC1111", "Forge", "kohya sd-scripts", "lycoris-lora", "diffusers", "PEFT")  # fmt: skip
+CONSUMERS = (COMFYUI, A1111, FORGE, SDSCRIPTS, LYCORIS, DIFFUSERS, PEFT)
 SD1, SDXL, SD3, FLUX1, FLUX2, ZIMAGE = "sd1", "sdxl", "sd3", "flux1", "flux2", "zimage"  # file_architecture's answers
 ARCH_NAMES = {SD1: "SD1/SD2", SDXL: "SDXL", SD3: "SD3", FLUX1: "Flux.1", FLUX2: "Flux.2", ZIMAGE: "Z-Image"}
 # Key prefixes each consumer maps (read and run: ComfyUI fe25114 comfy/lora.py model_lora_keys_unet/clip; Forge
 # dfdcbab packages_3rdparty/comfyui_lora_collection/lora.py, the same maps; AUTOMATIC1111 82a973c
 # extensions-builtin/Lora/networks.py load_network; lycoris-lora 4.1.3 kohya.py / wrapper.py; diffusers 0.42.1
-# loaders/lora_conversion_utils.py). A file's other prefixes are not matched at all there.
+# loaders/lora_conversion_utils.py; sd-scripts 48d368f networks/lora.py, lora_flux.py, lora_sd3.py). A file's other
+# prefixes are not matched at all there.
 _COMFY = ("lora_unet_", "lycoris_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "diffusion_model.",
           "transformer.", "unet.", "text_encoder.", "text_encoder_2.")  # fmt: skip
 _PREFIXES: dict[str, tuple[str, ...]] = {
     COMFYUI: _COMFY,
     FORGE: _COMFY,
     A1111: ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_"),
-    KOHYA: ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lycoris_"),
+    SDSCRIPTS: ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_"),
+    LYCORIS: ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lycoris_"),
     DIFFUSERS: ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "diffusion_model.", "transformer.", "unet.",
                 "text_encoder.", "text_encoder_2."),
 }  # fmt: skip
@@ -118,6 +109,15 @@ _DROPS: dict[tuple[str, str, str], tuple[str, str]] = {  # (consumer, family, pr
     (FORGE, SD3, "transformer."): (
         r"", "Forge's map of SD3's diffusers names is commented out (comfyui_lora_collection/lora.py): save with "
         "style 'kohya' or 'original'"),
+    (SDSCRIPTS, FLUX1, "lora_unet_"): (
+        r"final_layer_", "sd-scripts' Flux network (networks/lora_flux.py) builds no module for final_layer: merged "
+        "without it (lycoris.kohya applies it)"),
+    (SDSCRIPTS, SDXL, "lora_unet_"): (
+        r"input_blocks_0_0$|time_embed_|label_emb_|out_2$", "sd-scripts' UNet network (networks/lora.py "
+        "UNET_TARGET_REPLACE_MODULE) builds no module for it (lycoris.kohya applies it)"),
+    (SDSCRIPTS, SD1, "lora_unet_"): (
+        r"conv_in$|conv_out$|time_embedding_", "sd-scripts' UNet network (networks/lora.py UNET_TARGET_REPLACE_MODULE) "
+        "builds no module for it (lycoris.kohya applies it)"),
     (DIFFUSERS, FLUX1, "lora_unet_"): (
         r"img_in|txt_in|time_in_|vector_in_|guidance_in_|final_layer_",
         "diffusers' kohya Flux converter maps the blocks only: save with style 'diffusers' for it"),
@@ -137,14 +137,19 @@ T5_DROPPED = "diffusers' pipeline for this family loads no LoRA into its T5 text
 SD3_KOHYA = "diffusers converts no kohya SD3 file (its keys reach the transformer unrenamed): save with style 'diffusers'"
 A1111_SD3_KEYS = ("AUTOMATIC1111's SD3 loader fails on any key '<module>.<name>' without a second dot (.alpha, "
                   ".dora_scale, .hada_w1_a, .lokr_w1, .diff) and skips the whole file: it takes LoRA files without "
-                  ".alpha only (save with consumer_safe=True: the scale folded, no .alpha)")  # fmt: skip
+                  ".alpha only (save_lycoris(..., fold_scale=True), which sd-scripts' and lycoris-lora's loaders "
+                  "refuse)")  # fmt: skip
+NO_ALPHA = ("{} raises on a module without .alpha (sd-scripts: networks/lora_flux.py / lora_sd3.py KeyError, "
+            "lycoris-lora: make_module_from_state_dict float(None)): the whole file fails")
+SDSCRIPTS_METHODS = "sd-scripts' own networks read LoRA only: load LoHa / LoKr / Full files with lycoris.kohya"
+SDSCRIPTS_DORA = "sd-scripts' own networks merge lora_up · lora_down only: the DoRA magnitude (dora_scale) is ignored"
 DIFFUSERS_DORA = ("diffusers loads a DoRA module of these files as a plain LoRA (use_dora off): its magnitude "
                   "(dora_scale) is dropped")  # fmt: skip
 FLUX2_FINAL_SWAP = ("diffusers' BFL Flux.2 adapter converter renames final_layer.adaLN_modulation.1 without the halves "
                     "swap of its checkpoint converter: shift and scale are exchanged")  # fmt: skip
 LYCORIS_DORA_IN = "lycoris-lora 4.1.3 reloads DoRA on the output axis only (this one is input-axis)"
 A1111_SDXL_DIFFUSERS = "AUTOMATIC1111 maps diffusers names of SDXL with SD1's block rule: this module is lost (write SGM names)"
-TE_NAMES = ("maps text_encoder.… keys of CLIP layers in transformers 4's spelling only (text_encoder.text_model.…; "
+TE_NAMES = ("maps text_encoder.… keys of CLIP layers in transformers 4's spelling only (text_encoder.text_model.… — "
             "transformers 5 drops that level): save text encoders with style 'kohya'")
 UNET_ATTENTION = "maps unet.… attention keys only in diffusers' attention-processor spelling (…processor.to_q)"
 
@@ -255,6 +260,9 @@ def _refused(consumer: str, arch: str | None, af: AdapterFile) -> str | None:
     # last two dots: a key '<stem>.alpha' (or .dora_scale, .hada_w1_a, .lokr_w1, .diff) raises, the file is skipped
     if consumer == A1111 and arch == SD3 and any("." not in k for m in af.modules.values() for k in _param_keys(m)):
         return A1111_SD3_KEYS
+    no_alpha = any(m.method.stores_alpha and m.alpha is None for m in af.modules.values())
+    if no_alpha and (consumer == LYCORIS or (consumer == SDSCRIPTS and arch in (FLUX1, SD3))):
+        return NO_ALPHA.format(consumer)
     if consumer == DIFFUSERS:
         for stem, m in af.modules.items():
             if m.method.diffusers_reads is not None and arch not in m.method.diffusers_reads:
@@ -286,8 +294,10 @@ def _skip_reason(consumer: str, arch: str | None, prefix: str, path: str, m) -> 
         return SD3_KOHYA
     if consumer == A1111 and arch == SD3 and prefix != "lora_unet_":
         return "AUTOMATIC1111 maps SD3 modules under kohya names (lora_unet_…) only"
+    if consumer == SDSCRIPTS and not m.method.sd_scripts_reads:
+        return SDSCRIPTS_METHODS
     if prefix == "lora_unet_" and arch == SDXL and path.startswith(_DIFFUSERS_UNET):
-        if consumer == KOHYA:
+        if consumer in (SDSCRIPTS, LYCORIS):
             return "sd-scripts' SDXL UNet has the original (SGM) names: diffusers-named SDXL keys match nothing"
         if consumer == A1111 and (path.startswith("add_embedding_") or path.startswith("up_blocks_0_upsamplers")):
             return A1111_SDXL_DIFFUSERS
@@ -303,8 +313,10 @@ def _different(consumer: str, arch: str | None, prefix: str, path: str, m) -> st
     issues = list(m.method.consumer_issues(m.shapes())) if consumer == COMFYUI else []
     if m.dora is not None and m.dora_on_out(m.weight_shape) and consumer in (COMFYUI, FORGE, A1111):
         issues.append(DORA_OUTPUT_AXIS)
-    if consumer == KOHYA and m.dora is not None and not m.dora_on_out(m.weight_shape):
+    if consumer == LYCORIS and m.dora is not None and not m.dora_on_out(m.weight_shape):
         issues.append(LYCORIS_DORA_IN)
+    if consumer == SDSCRIPTS and m.dora is not None:
+        issues.append(SDSCRIPTS_DORA)
     if consumer == DIFFUSERS and m.dora is not None:
         issues.append(DIFFUSERS_DORA)
     if consumer == DIFFUSERS and arch == FLUX2 and prefix == "diffusion_model." and path.startswith("final_layer_adaLN_"):
@@ -314,4 +326,5 @@ def _different(consumer: str, arch: str | None, prefix: str, path: str, m) -> st
 
 # what consumer_warnings names at save time: modules a consumer of the file's layout drops or applies differently
 _SHORTFALLS = {reason for _, reason in _DROPS.values()} | {
-    T5_DROPPED, SD3_KOHYA, A1111_SD3_KEYS, DIFFUSERS_DORA, FLUX2_FINAL_SWAP, LYCORIS_DORA_IN, A1111_SDXL_DIFFUSERS}
+    T5_DROPPED, SD3_KOHYA, A1111_SD3_KEYS, DIFFUSERS_DORA, FLUX2_FINAL_SWAP, LYCORIS_DORA_IN, A1111_SDXL_DIFFUSERS,
+    SDSCRIPTS_DORA, NO_ALPHA.format(SDSCRIPTS), NO_ALPHA.format(LYCORIS)}

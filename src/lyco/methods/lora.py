@@ -86,6 +86,7 @@ class LoRAAdapter(Adapter):
     config_cls = LoRAConfig
     algo = "lora"
     diffusers_reads = None  # every architecture's loader converts LoRA files
+    sd_scripts_reads = True
     lycoris_algos = ("locon",)  # LyCORIS's name of the same module (LoRA with conv layers)
     title = "LoRA"
     plus_params = ("lora_up",)

@@ -145,6 +145,7 @@ class MethodSchema:
     # the architectures (lyco.formats.consumers: "sd1", "flux2" …) whose diffusers loaders read the method's files
     # (``load_lora_weights``, diffusers 0.42.1); None: every one. Elsewhere diffusers refuses the whole file.
     diffusers_reads: ClassVar[frozenset[str] | None] = frozenset()
+    sd_scripts_reads: ClassVar[bool] = False  # kohya sd-scripts' own networks (networks/lora*.py) load its files
 
     # -- declared tensors -------------------------------------------------------------------------
     @classmethod
