@@ -139,6 +139,8 @@ A1111_SD3_KEYS = ("AUTOMATIC1111's SD3 loader fails on any key '<module>.<name>'
                   ".dora_scale, .hada_w1_a, .lokr_w1, .diff) and skips the whole file: it takes LoRA files without "
                   ".alpha only (save_lycoris(..., fold_scale=True), which sd-scripts' and lycoris-lora's loaders "
                   "refuse)")  # fmt: skip
+A1111_SD3_DIFFUSERS = ("AUTOMATIC1111's SD3 map of diffusers names covers the image stream's attention (to_q / to_k / "
+                       "to_v / to_out.0) only: save with style 'kohya'")
 NO_ALPHA = ("{} raises on a module without .alpha (sd-scripts: networks/lora_flux.py / lora_sd3.py KeyError, "
             "lycoris-lora: make_module_from_state_dict float(None)): the whole file fails")
 SDSCRIPTS_METHODS = "sd-scripts' own networks read LoRA only: load LoHa / LoKr / Full files with lycoris.kohya"
@@ -258,9 +260,11 @@ def _refused(consumer: str, arch: str | None, af: AdapterFile) -> str | None:
         return f"{consumer} has no {ARCH_NAMES[arch]} model ({_NO_MODEL[consumer][arch]} load this file)"
     # AUTOMATIC1111's SD3 model has a diffusers weight map, and then load_network splits every key in three at its
     # last two dots: a key '<stem>.alpha' (or .dora_scale, .hada_w1_a, .lokr_w1, .diff) raises, the file is skipped
-    if consumer == A1111 and arch == SD3 and any("." not in k for m in af.modules.values() for k in _param_keys(m)):
+    if consumer == A1111 and arch == SD3 and any(
+            "." not in stem and "." not in k for stem, m in af.modules.items() for k in _param_keys(m)):  # fmt: skip
         return A1111_SD3_KEYS
-    no_alpha = any(m.method.stores_alpha and m.alpha is None for m in af.modules.values())
+    no_alpha = any(m.method.stores_alpha and m.alpha is None and stem.startswith(_PREFIXES.get(consumer, ()))
+                   for stem, m in af.modules.items())  # among the modules it reads at all
     if no_alpha and (consumer == LYCORIS or (consumer == SDSCRIPTS and arch in (FLUX1, SD3))):
         return NO_ALPHA.format(consumer)
     if consumer == DIFFUSERS:
@@ -280,6 +284,10 @@ def _param_keys(m) -> list[str]:
 
 def _skip_reason(consumer: str, arch: str | None, prefix: str, path: str, m) -> str | None:
     """Why ``consumer`` does not match one module (``path``: its name below ``prefix``, underscored)."""
+    if consumer == A1111 and arch == SD3 and prefix == "transformer.":  # its SD3 model's diffusers weight map
+        if re.match(r"transformer_blocks_\d+_attn_(to_q|to_k|to_v|to_out_0)$", path):
+            return None
+        return A1111_SD3_DIFFUSERS
     mapped = _PREFIXES[consumer] + (("lycoris_",) if consumer == DIFFUSERS and arch in (FLUX2, ZIMAGE) else ())
     if prefix not in mapped:
         return f"keys {prefix or '(no prefix)'}… are not mapped there (use lyco's style 'kohya')"
@@ -293,7 +301,7 @@ def _skip_reason(consumer: str, arch: str | None, prefix: str, path: str, m) -> 
     if consumer == DIFFUSERS and arch == SD3 and prefix.startswith("lora_"):
         return SD3_KOHYA
     if consumer == A1111 and arch == SD3 and prefix != "lora_unet_":
-        return "AUTOMATIC1111 maps SD3 modules under kohya names (lora_unet_…) only"
+        return A1111_SD3_DIFFUSERS
     if consumer == SDSCRIPTS and not m.method.sd_scripts_reads:
         return SDSCRIPTS_METHODS
     if prefix == "lora_unet_" and arch == SDXL and path.startswith(_DIFFUSERS_UNET):
@@ -319,6 +327,9 @@ def _different(consumer: str, arch: str | None, prefix: str, path: str, m) -> st
         issues.append(SDSCRIPTS_DORA)
     if consumer == DIFFUSERS and m.dora is not None:
         issues.append(DIFFUSERS_DORA)
+    if consumer == A1111 and arch == SD3 and prefix == "transformer." and m.dora is not None:
+        issues.append("AUTOMATIC1111's SD3 loader matches no dora_scale key under diffusers names: the LoRA is applied "
+                      "without its magnitude")  # fmt: skip
     if consumer == DIFFUSERS and arch == FLUX2 and prefix == "diffusion_model." and path.startswith("final_layer_adaLN_"):
         issues.append(FLUX2_FINAL_SWAP)
     return "; ".join(issues) or None
@@ -327,4 +338,4 @@ def _different(consumer: str, arch: str | None, prefix: str, path: str, m) -> st
 # what consumer_warnings names at save time: modules a consumer of the file's layout drops or applies differently
 _SHORTFALLS = {reason for _, reason in _DROPS.values()} | {
     T5_DROPPED, SD3_KOHYA, A1111_SD3_KEYS, DIFFUSERS_DORA, FLUX2_FINAL_SWAP, LYCORIS_DORA_IN, A1111_SDXL_DIFFUSERS,
-    SDSCRIPTS_DORA, NO_ALPHA.format(SDSCRIPTS), NO_ALPHA.format(LYCORIS)}
+    SDSCRIPTS_DORA, NO_ALPHA.format(SDSCRIPTS), NO_ALPHA.format(LYCORIS), A1111_SD3_DIFFUSERS}
