@@ -181,3 +181,44 @@ def test_report_of_a_peft_folder(tmp_path):
         assert cli.main(["inspect", str(tmp_path / "dir"), "--json"]) == 0
     got = json.loads(out.getvalue())["consumers"]
     assert got["PEFT"]["loads_fully"] and not any(v["applied"] for c, v in got.items() if c != "PEFT")
+
+
+def test_consumer_safe_writes_a_conv1d_full_lokr_w2_as_a_flat_pair(tmp_path):
+    """ComfyUI (fe25114, run) takes ``kron(w1, lokr_w2)`` of a 3-D full ``lokr_w2`` without lifting ``w1``: another
+    ΔW. The warning names it; ``consumer_safe`` writes ``w2 = I · flat(w2)`` (rank out_r, alpha giving the same
+    scale 1), which reloads in lyco with the same ΔW (and ComfyUI applies exactly, run on fe25114)."""
+    from safetensors.torch import load_file
+
+    lycoris = pytest.importorskip("lycoris")
+    torch.manual_seed(0)
+    model = lyco.get_model(nn.Sequential(nn.Conv1d(16, 32, 3)),
+                           lyco.LoKrConfig(r=10000, alpha=3, target_modules=["0"], init_weights=False))  # fmt: skip
+    with torch.no_grad():  # a ΔW well above rounding
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    want = model.adapted_layers().__next__()[1].get_delta_weight("default")
+    lyco.save_lycoris(model, tmp_path / "a.safetensors", style="kohya")
+    assert load_file(tmp_path / "a.safetensors")["lora_unet_0.lokr_w2"].dim() == 3
+    from lyco.formats.lycoris import read_lycoris_file
+    from lyco.tools.describe import describe
+
+    notes = describe(read_lycoris_file(tmp_path / "a.safetensors"), tmp_path / "a.safetensors").consumer_notes
+    assert any("3-D full lokr_w2" in n for n in notes)
+    lyco.save_lycoris(model, tmp_path / "b.safetensors", style="kohya", consumer_safe=True)
+    keys = load_file(tmp_path / "b.safetensors")
+    assert "lora_unet_0.lokr_w2" not in keys and keys["lora_unet_0.lokr_w2_a"].shape == (8, 8)
+    assert float(keys["lora_unet_0.alpha"]) == 8.0  # alpha / r = 1: the scale of the full-full module
+    again = lyco.load_lycoris(nn.Sequential(nn.Conv1d(16, 32, 3)), tmp_path / "b.safetensors")
+    torch.testing.assert_close(again.adapted_layers().__next__()[1].get_delta_weight("default"), want, atol=1e-5, rtol=1e-5)
+    # lycoris-lora 4.1.3 reads the 3-D layout as saved (its own) and cannot rebuild this one: its rank rule makes a
+    # rank-out_r w2 full again (make_module_from_state_dict then has no lokr_w2_a) — the as-saved file is for it
+    lyco.save_lycoris(model, tmp_path / "c.safetensors", style="lycoris")
+    lyco.save_lycoris(model, tmp_path / "d.safetensors", style="lycoris", consumer_safe=True)
+    base = nn.Sequential(nn.Conv1d(16, 32, 3))
+    before = base[0].weight.detach().clone()
+    net, _ = lycoris.create_lycoris_from_weights(1.0, str(tmp_path / "c.safetensors"), base)
+    net.merge_to()  # a full-full module: scale 1, so its merge's second scale changes nothing
+    torch.testing.assert_close(base[0].weight.detach() - before, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(AttributeError, match="lokr_w2_a"):
+        lycoris.create_lycoris_from_weights(1.0, str(tmp_path / "d.safetensors"), nn.Sequential(nn.Conv1d(16, 32, 3)))

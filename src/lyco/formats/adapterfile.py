@@ -152,9 +152,13 @@ class ModuleAdapter:
 
     def in_consumer_layout(self) -> ModuleAdapter:
         """The same module in tensors every checked consumer applies (the method's ``consumer_layout``); the layer
-        shape is read off the tensors before (a CP core tells a conv kernel that flat factors do not)."""
+        shape is read off the tensors before (a CP core tells a conv kernel that flat factors do not), and where the
+        layout has another rank, the alpha gives the same scale."""
         shape = self.weight_shape or self.guess_weight_shape()
-        return ModuleAdapter(self.algo, self.method.consumer_layout(self.tensors), self.alpha, tuple(shape))
+        out = ModuleAdapter(self.algo, self.method.consumer_layout(self.tensors), self.alpha, tuple(shape))
+        if out.rank != self.rank and out.rank is not None:  # a layout of another rank: the alpha of the same scale
+            out = ModuleAdapter(self.algo, out.tensors, self.scale() * out.rank, tuple(shape))
+        return out
 
     def with_scale_folded(self, factor: float, alpha: float) -> ModuleAdapter:
         """A copy whose tensors carry ``factor`` (e.g. PEFT's ``alpha / r`` for a module files scale by 1) and

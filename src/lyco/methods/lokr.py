@@ -307,11 +307,17 @@ class LoKrAdapter(Adapter):
     @classmethod
     def consumer_issues(cls, shapes):
         """ComfyUI skips a module with a CP core: ``torch.kron`` on the non-contiguous core product raises and the
-        error is only logged (ComfyUI issue #11245, checked on its commit fe25114)."""
+        error is only logged (ComfyUI issue #11245, checked on its commit fe25114); it lifts ``w1`` for a 4-D full
+        ``w2`` only, so a 3-D one (Conv1d) gives it another ΔW (run on fe25114)."""
+        issues = []
         if "lokr_t2" in shapes:
-            return ["ComfyUI leaves LoKr modules with a CP core (lokr_t2) unpatched (its issue #11245); "
-                    "consumer_safe=True (lyco convert --consumer-safe) writes the same ΔW without the core"]  # fmt: skip
-        return []
+            issues.append("ComfyUI leaves LoKr modules with a CP core (lokr_t2) unpatched (its issue #11245) — "
+                          "consumer_safe=True (lyco convert --consumer-safe) writes the same ΔW without the core")  # fmt: skip
+        if "lokr_w2" in shapes and len(shapes["lokr_w2"]) == 3:
+            issues.append("ComfyUI takes kron(w1, lokr_w2) of a 3-D full lokr_w2 (a Conv1d) without lifting w1 to 3-D "
+                          "and applies another ΔW — consumer_safe=True writes the same ΔW with lokr_w2 as the pair "
+                          "(identity, lokr_w2 flattened)")  # fmt: skip
+        return issues
 
     @classmethod
     def unranked_alpha(cls, shapes):
@@ -327,13 +333,20 @@ class LoKrAdapter(Adapter):
     def consumer_layout(cls, tensors):
         """A CP ``w2 = cp(t2, w2_a, w2_b)`` as the plain low-rank pair of the same rank: ``w2_a = lokr_w2_aᵀ (out_r,
         r)``, ``w2_b[i, (q, k)] = Σ_j t2[i, j, k] · lokr_w2_b[j, q]`` ``(r, in_r·∏k)`` — exact, ``r·in_r·∏k`` numbers
-        instead of ``r·in_r + r²·∏k``."""
+        instead of ``r·in_r + r²·∏k``. A 3-D full ``w2 (out_r, in_r, k)`` (Conv1d) as ``w2_a = I (out_r, out_r)``,
+        ``w2_b = w2`` flattened ``(out_r, in_r·k)`` (a low-rank ``w1`` multiplied out): exact, of rank ``out_r``.
+        """
         out = dict(tensors)
-        if "lokr_t2" not in out:
-            return out
-        t2, wa, wb = out.pop("lokr_t2"), out.pop("lokr_w2_a"), out.pop("lokr_w2_b")
-        out["lokr_w2_a"] = wa.T.contiguous()
-        out["lokr_w2_b"] = torch.einsum("ij...,jq->iq...", t2, wb).flatten(1).contiguous()
+        if "lokr_t2" in out:
+            t2, wa, wb = out.pop("lokr_t2"), out.pop("lokr_w2_a"), out.pop("lokr_w2_b")
+            out["lokr_w2_a"] = wa.T.contiguous()
+            out["lokr_w2_b"] = torch.einsum("ij...,jq->iq...", t2, wb).flatten(1).contiguous()
+        if "lokr_w2" in out and out["lokr_w2"].dim() == 3:  # Conv1d full w2: the flat pair every reader applies
+            w2 = out.pop("lokr_w2")
+            if "lokr_w1_a" in out:  # one rank for the module: w2's
+                out["lokr_w1"] = (out.pop("lokr_w1_a") @ out.pop("lokr_w1_b")).contiguous()
+            out["lokr_w2_a"] = torch.eye(w2.shape[0], dtype=w2.dtype, device=w2.device)
+            out["lokr_w2_b"] = w2.flatten(1).contiguous()
         return out
 
     @classmethod
