@@ -22,7 +22,13 @@ from .formats.adapterfile import AdapterFile, ModuleAdapter
 from .formats.consumers import consumer_warnings, default_style, diffusion_model
 from .formats.fused import fused_side, fused_view, regroup_under, split
 from .formats.keys import infer_component, kohya_text_encoders
-from .formats.lycoris import read_lycoris_file, resolve_adapter_file, style_layout, write_lycoris_file
+from .formats.lycoris import (
+    parse_state_dict,
+    read_lycoris_file,
+    resolve_adapter_file,
+    style_layout,
+    write_lycoris_file,
+)
 from .formats.metadata import base_model_metadata
 from .formats.names import ModuleTable
 from .formats.peft_config import ConfigFit, fit_config
@@ -108,10 +114,13 @@ def save_lycoris(
             warnings.warn(f"{path}: the original fused layout holds these modules as Full deltas (exact):\n  "
                           + "\n  ".join(notes), stacklevel=2)  # fmt: skip
     metadata = {**base_model_metadata(model.model), **(metadata or {})}  # the user's values win
-    write_lycoris_file(af, path, style=style, prefix=prefix, metadata=metadata, component=component,
-                       text_encoders=kohya_text_encoders(model.model), fold_scale=fold_scale)  # fmt: skip
-    if diffusion_model(model.model) and (notes := consumer_warnings(af, style, read_lycoris_file(path, prefix=prefix))):
-        warnings.warn(f"{path}: written; known consumer shortfalls:\n  " + "\n  ".join(notes), stacklevel=2)
+    tensors, header = write_lycoris_file(af, path, style=style, prefix=prefix, metadata=metadata, component=component,
+                                         text_encoders=kohya_text_encoders(model.model), fold_scale=fold_scale)  # fmt: skip
+    if not diffusion_model(model.model):
+        return
+    as_read = parse_state_dict(dict(sorted(tensors.items())), header, source=str(path), prefix=prefix)  # key order: safetensors'
+    if shortfalls := consumer_warnings(af, style, as_read):
+        warnings.warn(f"{path}: written; known consumer shortfalls:\n  " + "\n  ".join(shortfalls), stacklevel=2)
 
 
 def fit_file(root: nn.Module, af: AdapterFile, skip: set[str]) -> ConfigFit:

@@ -111,6 +111,12 @@ class ModuleAdapter:
             raise FormatError(f"{self.algo} tensors give {delta.numel()} weights, the layer has {shape}")
         return delta.reshape(shape) * self.scale()
 
+    def key_tails(self) -> list[str]:
+        """The key tails a LyCORIS/kohya file holds for this module (``lora_down.weight``, ``dora_scale``, ``alpha``
+        when one is stored)."""
+        params = self.method.tensor_params()
+        return [params[p].file_key for p in self.tensors] + (["alpha"] if self.alpha is not None else [])
+
     @property
     def dora(self) -> torch.Tensor | None:
         """DoRA's magnitude ``dora_scale`` (canonical ``(out, 1, …)`` or ``(1, in, …)``), or ``None``."""

@@ -9,6 +9,7 @@ findings come from the method (:meth:`~lyco.methods.schema.MethodSchema.consumer
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .adapterfile import AdapterFile
@@ -37,13 +38,13 @@ def consumer_warnings(af: AdapterFile, style: str | None = None, written: Adapte
             issues.append(DORA_OUTPUT_AXIS)
         for issue in issues:
             found.setdefault(issue, []).append(name)
-    if written is not None:
-        for consumer, verdict in consumer_report(written).items():
-            for stem, reasons in (*verdict.skipped.items(), *verdict.different.items()):
-                for reason in reasons.split("; "):
-                    if reason in _SHORTFALLS or reason.endswith((UNET_ATTENTION, TE_NAMES)):
-                        key = reason if reason.startswith(consumer.split()[0]) else f"{consumer}: {reason}"
-                        found.setdefault(key, []).append(stem)
+    findings = _findings(written) if written is not None else ()
+    # as the report lists them: per consumer, the modules it skips before those it applies differently
+    for consumer, stem, skipped, different in sorted(findings, key=lambda f: (CONSUMERS.index(f[0]), not f[2])):
+        for reason in [skipped] if skipped else different:
+            if reason in _SHORTFALLS:
+                key = reason if reason.startswith(consumer.split()[0]) else f"{consumer}: {reason}"
+                found.setdefault(key, []).append(stem)
     lines = [f"{len(names)} module(s) ({', '.join(names[:3])}{', …' if len(names) > 3 else ''}): {issue}"
              for issue, names in found.items()]  # fmt: skip
     if style == "lycoris" and af.modules:
@@ -234,22 +235,30 @@ def consumer_report(af: AdapterFile) -> dict[str, ConsumerVerdict]:
                                                             "DIR FILE.safetensors --style kohya)")) for c in CONSUMERS}  # fmt: skip
         out[PEFT] = ConsumerVerdict(applied=len(stems))
         return out
+    out = {c: ConsumerVerdict() for c in CONSUMERS}
+    for consumer, stem, skipped, different in _findings(af):
+        v = out[consumer]
+        if skipped:
+            v.skipped[stem] = skipped
+        elif different:
+            v.different[stem] = "; ".join(different)
+        else:
+            v.applied += 1
+    return out
+
+
+def _findings(af: AdapterFile) -> Iterator[tuple[str, str, str | None, list[str]]]:
+    """``(consumer, stem, why it is not matched or None, why it is applied with another ΔW)`` for every consumer
+    and module of a single file read without a model (what :func:`consumer_report` and :func:`consumer_warnings`
+    are made of)."""
     arch = file_architecture(af)
-    out = {}
     for consumer in CONSUMERS:
-        v = out[consumer] = ConsumerVerdict()
         refused = _refused(consumer, arch, af)
         for stem, m in af.modules.items():
             conv = match_convention(stem)
             prefix, path = (conv.prefix if conv is not None else ""), _below_prefix(stem)
-            why = refused or _skip_reason(consumer, arch, prefix, path, m)
-            if why:
-                v.skipped[stem] = why
-            elif diff := _different(consumer, arch, prefix, path, m):
-                v.different[stem] = diff
-            else:
-                v.applied += 1
-    return out
+            skipped = refused or _skip_reason(consumer, arch, prefix, path, m)
+            yield consumer, stem, skipped, [] if skipped else _different(consumer, arch, prefix, path, m)
 
 
 def _refused(consumer: str, arch: str | None, af: AdapterFile) -> str | None:
@@ -261,7 +270,7 @@ def _refused(consumer: str, arch: str | None, af: AdapterFile) -> str | None:
     # AUTOMATIC1111's SD3 model has a diffusers weight map, and then load_network splits every key in three at its
     # last two dots: a key '<stem>.alpha' (or .dora_scale, .hada_w1_a, .lokr_w1, .diff) raises, the file is skipped
     if consumer == A1111 and arch == SD3 and any(
-            "." not in stem and "." not in k for stem, m in af.modules.items() for k in _param_keys(m)):  # fmt: skip
+            "." not in stem and "." not in k for stem, m in af.modules.items() for k in m.key_tails()):  # fmt: skip
         return A1111_SD3_KEYS
     no_alpha = any(m.method.stores_alpha and m.alpha is None and stem.startswith(_PREFIXES.get(consumer, ()))
                    for stem, m in af.modules.items())  # among the modules it reads at all
@@ -273,13 +282,6 @@ def _refused(consumer: str, arch: str | None, af: AdapterFile) -> str | None:
                 return (f"diffusers refuses the whole file: its loaders read no {m.method.display()} modules "
                         f"({stem}) for this model family")
     return None
-
-
-def _param_keys(m) -> list[str]:
-    """The key tails of one module's tensors as files spell them (``lora_down.weight``, ``alpha``, ``dora_scale``)."""
-    params = m.method.tensor_params()
-    return ([params[p].file_key for p in m.tensors] + (["alpha"] if m.alpha is not None else [])
-            + (["dora_scale"] if m.dora is not None else []))  # fmt: skip
 
 
 def _skip_reason(consumer: str, arch: str | None, prefix: str, path: str, m) -> str | None:
@@ -316,8 +318,8 @@ def _skip_reason(consumer: str, arch: str | None, prefix: str, path: str, m) -> 
     return None
 
 
-def _different(consumer: str, arch: str | None, prefix: str, path: str, m) -> str | None:
-    """Why ``consumer`` applies a module it matches with another ΔW than lyco (``None``: the same)."""
+def _different(consumer: str, arch: str | None, prefix: str, path: str, m) -> list[str]:
+    """Why ``consumer`` applies a module it matches with another ΔW than lyco (none: the same)."""
     issues = list(m.method.consumer_issues(m.shapes())) if consumer == COMFYUI else []
     if m.dora is not None and m.dora_on_out(m.weight_shape) and consumer in (COMFYUI, FORGE, A1111):
         issues.append(DORA_OUTPUT_AXIS)
@@ -332,10 +334,11 @@ def _different(consumer: str, arch: str | None, prefix: str, path: str, m) -> st
                       "without its magnitude")  # fmt: skip
     if consumer == DIFFUSERS and arch == FLUX2 and prefix == "diffusion_model." and path.startswith("final_layer_adaLN_"):
         issues.append(FLUX2_FINAL_SWAP)
-    return "; ".join(issues) or None
+    return issues
 
 
 # what consumer_warnings names at save time: modules a consumer of the file's layout drops or applies differently
 _SHORTFALLS = {reason for _, reason in _DROPS.values()} | {
     T5_DROPPED, SD3_KOHYA, A1111_SD3_KEYS, DIFFUSERS_DORA, FLUX2_FINAL_SWAP, LYCORIS_DORA_IN, A1111_SDXL_DIFFUSERS,
-    SDSCRIPTS_DORA, NO_ALPHA.format(SDSCRIPTS), NO_ALPHA.format(LYCORIS), A1111_SD3_DIFFUSERS}
+    SDSCRIPTS_DORA, NO_ALPHA.format(SDSCRIPTS), NO_ALPHA.format(LYCORIS), A1111_SD3_DIFFUSERS,
+    *(f"{c} {why}" for c in (COMFYUI, FORGE) for why in (UNET_ATTENTION, TE_NAMES))}

@@ -52,8 +52,7 @@ def _module(source: str, stem: str, params: dict[str, torch.Tensor]) -> ModuleAd
         what = f"tensors of several algorithms {algos}" if methods else "an alpha but no weights"
         raise FormatError(f"{source}: module {stem!r} has {what}")
     method = methods.pop()
-    own = method.tensor_params().values()  # its file keys, and its tensors' PEFT names (diffusers' own files)
-    by_key = {p.file_key: p.name for p in own} | {p.peft_name: p.name for p in own if p.identifies}
+    by_key = method.file_names()  # its file keys, and its tensors' PEFT names (diffusers' own files)
     foreign = sorted(k for k in params if k not in by_key and k not in EXTRA_KEYS)
     if foreign:
         raise FormatError(f"{source}: module {stem!r} ({method.algo}) also has {foreign}, which {method.display()} has not")
@@ -74,9 +73,7 @@ def _module(source: str, stem: str, params: dict[str, torch.Tensor]) -> ModuleAd
 
 
 def _keys_of(name: str, m: ModuleAdapter) -> list[str]:
-    params = m.method.tensor_params()
-    keys = [f"{name}.{params[p].file_key}" for p in m.tensors]
-    return keys + ([f"{name}.alpha"] if m.alpha is not None else [])
+    return [f"{name}.{tail}" for tail in m.key_tails()]
 
 
 def _drop(source: str, dropped: list[tuple[str, str]], strict: bool, what: str) -> None:
@@ -295,8 +292,9 @@ def write_lycoris_file(
     component: str | None = None,
     text_encoders: dict[str, str] | None = None,
     fold_scale: bool = False,
-) -> None:
-    """Write ``af`` as one safetensors file, atomically (temp file + rename).
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Write ``af`` as one safetensors file, atomically (temp file + rename); returns the tensors and header written
+    (:func:`parse_state_dict` reads them as a reader of the file would, without reading it back).
 
     ``style``: ``lycoris`` (``lycoris_<path with _>``, lycoris-lora's wrapper), ``kohya`` (``lora_unet_`` /
     ``lora_te_`` …, by ``component`` or pipeline-level names; ``text_encoders``: the kohya slots of the model's text
@@ -313,7 +311,9 @@ def write_lycoris_file(
         raise FormatError(f"{path}: the adapter has no modules to write")
     tensors = lycoris_state_dict(af, style=style, prefix=prefix, component=component, text_encoders=text_encoders,
                                  fold_scale=fold_scale)  # fmt: skip
-    write_tensors(path, tensors, file_metadata(af, metadata))
+    header = file_metadata(af, metadata)
+    write_tensors(path, tensors, header)
+    return tensors, header
 
 
 def style_layout(af: AdapterFile, model: nn.Module, style: str, base: dict[str, torch.Tensor] | None = None) -> Regrouped:

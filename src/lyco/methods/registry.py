@@ -95,14 +95,7 @@ def method_for_lycoris_algo(algo: str) -> type[Adapter] | None:
 
 
 def file_keys() -> dict[str, tuple[type[MethodSchema], str]]:
-    """LyCORIS/kohya key suffix → ``(method, tensor name)`` for every registered method's tensors; a method tensor's
-    PEFT name (``lora_A.weight``) too, as diffusers' own single files (``save_lora_weights``) spell it. DoRA's
-    magnitude is read as ``dora_scale`` only: PEFT's ``lora_magnitude_vector`` has another layout."""
-    out: dict[str, tuple[type[MethodSchema], str]] = {}
-    for m in reversed(all_methods()):
-        for p in m.tensor_params().values():
-            out[p.file_key] = (m, p.name)
-            if p.identifies:
-                out.setdefault(p.peft_name, (m, p.name))
-    return out
+    """Key tail in files → ``(method, tensor name)`` for every registered method's tensors
+    (:meth:`~lyco.methods.schema.MethodSchema.file_names`: LyCORIS/kohya keys and PEFT's names)."""
+    return {key: (m, name) for m in reversed(all_methods()) for key, name in m.file_names().items()}
 

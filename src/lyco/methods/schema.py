@@ -155,6 +155,14 @@ class MethodSchema:
         return {p.name: p for p in (*declared, *((DORA,) if cls.supports_dora else ()))}
 
     @classmethod
+    def file_names(cls) -> dict[str, str]:
+        """Key tail in files → tensor name: each tensor's LyCORIS/kohya key (``lora_down.weight``), and for the
+        tensors that identify the method its PEFT name too (``lora_A.weight``: diffusers' own single files).
+        DoRA's magnitude is ``dora_scale`` only (PEFT's ``lora_magnitude_vector`` has another layout)."""
+        own = cls.tensor_params().values()
+        return {p.file_key: p.name for p in own} | {p.peft_name: p.name for p in own if p.identifies and p.peft_name != p.file_key}
+
+    @classmethod
     def factor_shapes(cls, shapes: Mapping[str, Shape]) -> dict[str, Shape]:
         """``shapes`` without the shared extras (DoRA's magnitude): what a shape plan is inferred from."""
         return {k: tuple(v) for k, v in shapes.items() if k != DORA.name}
